@@ -104,7 +104,9 @@ class RaftLog:
             return
         first = entries[0].index
         if first <= self.commit_index:
-            raise AssertionError(f"overwriting committed entry {first} (commit {self.commit_index})")
+            raise AssertionError(
+                f"overwriting committed entry {first} (commit {self.commit_index})"
+            )
         if first > self.last_index() + 1:
             raise AssertionError(f"gap: appending {first} after {self.last_index()}")
         if first >= self.unstable_offset:

@@ -69,7 +69,7 @@ _CONF_CHANGE = struct.Struct(">BQ")
 
 @dataclass(frozen=True, slots=True)
 class ConfChange:
-    """A single-server membership change (Raft dissertation §4.1); carried in a CONF_CHANGE entry."""
+    """A single-server membership change (dissertation §4.1), carried in a CONF_CHANGE entry."""
 
     change_type: ConfChangeType
     node_id: NodeId
@@ -153,7 +153,7 @@ class AppendEntriesReply:
     term: Term
     success: bool
     # On success: the index of the last entry now matching the leader's log.
-    # On rejection: the index the leader asked about (prev_log_index), so stale rejections are ignored.
+    # On rejection: the index the leader probed (prev_log_index), so stale rejections are ignored.
     match_index: LogIndex
     # Fast backtracking hint on rejection (§5.3 optimization): the largest index in the follower's
     # log, at or below the probed one, whose term is <= the leader's prev_log_term, and that term.

@@ -26,8 +26,8 @@ from raft.core.messages import (
     InstallSnapshot,
     InstallSnapshotReply,
     Message,
-    Ready,
     ReadState,
+    Ready,
     RequestVote,
     RequestVoteReply,
     Snapshot,
@@ -163,7 +163,9 @@ class RaftNode:
             if self.config.check_quorum and not self._check_quorum_active():
                 self._become_follower(self.term, NO_NODE)  # §6.2: lost contact with a majority
                 return
-            self._lead_transferee = NO_NODE  # a transfer not done in an election timeout is abandoned
+            self._lead_transferee = (
+                NO_NODE  # a transfer not done in an election timeout is abandoned
+            )
         if self._heartbeat_elapsed >= self.config.heartbeat_interval_ticks:
             self._heartbeat_elapsed = 0
             self._broadcast_heartbeat()
@@ -547,7 +549,9 @@ class RaftNode:
 
     def _on_commit_advanced(self, previous: LogIndex) -> None:
         if self._uncommitted_bytes:
-            for entry in self.log.entries(LogIndex(previous + 1), LogIndex(self.log.commit_index + 1)):
+            for entry in self.log.entries(
+                LogIndex(previous + 1), LogIndex(self.log.commit_index + 1)
+            ):
                 self._uncommitted_bytes = max(0, self._uncommitted_bytes - len(entry.data))
         if self._reads_awaiting_term_commit and self._has_committed_in_term():
             waiting, self._reads_awaiting_term_commit = self._reads_awaiting_term_commit, []

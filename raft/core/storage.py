@@ -10,8 +10,34 @@ from __future__ import annotations
 from typing import Protocol
 
 from raft.core.errors import Compacted
-from raft.core.messages import ConfState, Entry, HardState, Snapshot, SnapshotMeta
-from raft.core.types import LogIndex, Term
+from raft.core.messages import (
+    ConfChange,
+    ConfChangeType,
+    ConfState,
+    Entry,
+    EntryKind,
+    HardState,
+    Snapshot,
+    SnapshotMeta,
+)
+from raft.core.types import NO_NODE, LogIndex, Term
+
+BOOTSTRAP_TERM = Term(1)
+
+
+def bootstrap_state(conf: ConfState) -> tuple[HardState, list[Entry]]:
+    """How a brand-new group starts: its membership as committed CONF_CHANGE entries of term 1.
+
+    Membership lives in the log (not only in a snapshot header), so a replica that joins later
+    with an empty log replays the very same history and derives the same configuration.
+    """
+    changes = [ConfChange(ConfChangeType.ADD_VOTER, v) for v in sorted(conf.voters)]
+    changes += [ConfChange(ConfChangeType.ADD_LEARNER, n) for n in sorted(conf.learners)]
+    entries = [
+        Entry(BOOTSTRAP_TERM, LogIndex(i), change.encode(), EntryKind.CONF_CHANGE)
+        for i, change in enumerate(changes, start=1)
+    ]
+    return HardState(BOOTSTRAP_TERM, NO_NODE, LogIndex(len(entries))), entries
 
 
 class LogStorage(Protocol):
@@ -48,10 +74,13 @@ class MemoryStorage:
     """LogStorage kept in memory, plus the write side the runtime (or the simulator) drives."""
 
     def __init__(self, conf: ConfState | None = None) -> None:
+        """`conf`: bootstrap a new group with this membership; None: join an existing one."""
         self._hard_state = HardState()
-        self._snapshot = Snapshot(SnapshotMeta(conf=conf or ConfState()))
+        self._snapshot = Snapshot()
         # _entries[0] is entry snapshot.index + 1
         self._entries: list[Entry] = []
+        if conf is not None and conf.voters:
+            self._hard_state, self._entries = bootstrap_state(conf)
 
     # -- read side (LogStorage) --
     def initial_state(self) -> tuple[HardState, ConfState]:

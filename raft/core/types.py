@@ -1,4 +1,5 @@
-"""Identifiers and positions used throughout Raft, as NewTypes so mypy catches a term passed as an index."""
+"""Identifiers and positions used throughout Raft: NewTypes, so mypy catches a term passed as
+an index."""
 
 from __future__ import annotations
 

@@ -130,17 +130,19 @@ class Simulation:
         for group in range(self.config.groups):
             conf = ConfState(voters=frozenset(initial))
             for node_id in node_ids:
-                storage = MemoryStorage(conf if node_id in initial else ConfState())
+                storage = MemoryStorage(conf if node_id in initial else None)
                 replica = Replica(node_id, group, storage, None, SimStateMachine())
                 replica.raft = self._new_raft(replica)
                 self.replicas[(node_id, group)] = replica
-        self._network: list[tuple[int, int, int, Message]] = []  # (due, tiebreak, group, msg)
+        self._network: list[tuple[int, float, int, Message]] = []  # (due, tiebreak, group, msg)
         self._sequence = 0
         # Ground truth gathered from every replica, checked incrementally.
         self._leaders: dict[tuple[int, Term], NodeId] = {}
         self._entries: dict[tuple[int, LogIndex, Term], tuple[bytes, int, Term]] = {}
         self._applied: dict[tuple[int, LogIndex], tuple[Term, int]] = {}  # term, digest after
-        self._max_applied: dict[int, LogIndex] = dict.fromkeys(range(self.config.groups), 0)
+        self._max_applied: dict[int, LogIndex] = dict.fromkeys(
+            range(self.config.groups), LogIndex(0)
+        )
         self._proposals: dict[bytes, _Proposal] = {}
         self._acknowledged: dict[bytes, LogIndex] = {}
         self._reads: dict[bytes, LogIndex] = {}  # context -> minimum acceptable read index
@@ -441,8 +443,10 @@ class Simulation:
 
     def _nemesis_partition(self) -> bool:
         nodes = list(self.node_ids)
+        if len(nodes) < 2:
+            return False
         self.rng.shuffle(nodes)
-        cut = self.rng.randint(1, len(nodes) - 1) if len(nodes) > 1 else 1
+        cut = self.rng.randint(1, len(nodes) - 1)
         side = set(nodes[:cut])
         self.blocked_links = {
             (a, b) for a in self.node_ids for b in self.node_ids if (a in side) != (b in side)
@@ -498,6 +502,8 @@ class Simulation:
 
     def _nemesis_snapshot(self) -> bool:
         alive = [r for r in self.replicas.values() if r.raft is not None]
+        if not alive:
+            return False
         replica = self.rng.choice(alive)
         node = replica.raft
         assert node is not None
@@ -535,12 +541,10 @@ class Simulation:
         while self.now < deadline:
             self._step_tick(faulty=False)
             for group in range(self.config.groups):
-                if group not in markers or (
-                    markers[group] not in self._acknowledged
-                    and self.now % (4 * self.config.election_timeout_ticks) == 0
-                ):
-                    if self._propose(group):
-                        markers[group] = b"g%d-p%d" % (group, self._next_payload)
+                retry = self.now % (4 * self.config.election_timeout_ticks) == 0
+                unsettled = group not in markers or markers[group] not in self._acknowledged
+                if (group not in markers or (unsettled and retry)) and self._propose(group):
+                    markers[group] = b"g%d-p%d" % (group, self._next_payload)
             if len(markers) == self.config.groups and self._all_caught_up(markers):
                 return
         missing = [g for g in range(self.config.groups) if not self._caught_up(g, markers.get(g))]

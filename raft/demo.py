@@ -78,7 +78,8 @@ class LogStateMachine:
 async def run_node(args: argparse.Namespace) -> None:
     node_id = NodeId(args.id)
     peers = parse_peers(args.peers)
-    store = LmdbLogStore(Path(args.data_dir), sync=not args.no_fsync)
+    # A large map only reserves address space; growing it under live readers is the risky path.
+    store = LmdbLogStore(Path(args.data_dir), map_size_bytes=64 << 30, sync=not args.no_fsync)
     state_machine = LogStateMachine(store)
     host = RaftHost(HostConfig(node_id=node_id, tick_interval_s=args.tick_ms / 1000), store)
     host.add_group(GROUP_ID, state_machine, bootstrap=ConfState(voters=frozenset(peers)))

@@ -238,7 +238,7 @@ class _LogView:
         tail_bytes += sum(entry.size_bytes for entry in entries)
         drop = max(0, len(tail) - _TAIL_MAX_ENTRIES)
         tail_bytes -= sum(entry.size_bytes for entry in tail[:drop])
-        while tail_bytes > _TAIL_MAX_BYTES * 100:
+        while tail_bytes > _TAIL_MAX_BYTES:
             tail_bytes -= tail[drop].size_bytes
             drop += 1
         return _LogView(

@@ -106,10 +106,10 @@ class MemoryStorage:
         offset = self._snapshot.meta.index
         if low <= offset:
             raise Compacted(f"index {low} is compacted (snapshot at {offset})")
-        if low >= high:
-            return []
         if high > self.last_index() + 1:
             raise IndexError(f"entries up to {high - 1} requested, last is {self.last_index()}")
+        if low >= high:
+            return []
         return limit_size(self._entries[low - offset - 1 : high - offset - 1], max_bytes)
 
     def snapshot(self) -> Snapshot:

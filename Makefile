@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# A local 3-node cluster in the foreground (Ctrl-C stops it); kvctl talks to it from another shell.
 run: $(STAMP)
-	$(BIN)/python -m raft.demo
+	$(BIN)/kvctl cluster up --nodes 3 --shards 8 --replication 3 --data-dir data/cluster --foreground
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

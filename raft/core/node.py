@@ -623,7 +623,12 @@ class RaftNode:
                 self._maybe_send_append(node, send_if_empty=True)
             return
         was_paused = progress.is_paused()
-        if not progress.maybe_update(message.match_index):
+        # A probe acknowledged at the match we already know (e.g. right after a snapshot) also
+        # ends probing; without this the follower waits for the next heartbeat.
+        probe_confirmed = (
+            progress.state is ProgressState.PROBE and progress.match_index == message.match_index
+        )
+        if not progress.maybe_update(message.match_index) and not probe_confirmed:
             return
         if progress.state is ProgressState.PROBE:
             progress.become_replicate()

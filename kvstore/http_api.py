@@ -1,0 +1,571 @@
+"""The node's public HTTP/JSON API: routes, input validation, error responses, request metrics.
+
+It depends only on the `KVService` Protocol and the error tree, never on Raft, routing or LMDB.
+`error_response` is the one place that maps exceptions to HTTP; every error body has the shape
+{"error": {"code", "message", ...}}, and no traceback or HTML page ever leaves this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import enum
+import json
+import logging
+import re
+import time
+from collections.abc import Mapping
+from typing import Any, Final, TypeVar
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import generate_latest
+
+from kvstore.errors import (
+    InvalidRequest,
+    KVError,
+    PayloadTooLarge,
+    PreconditionFailed,
+    ShardUnavailable,
+)
+from kvstore.service import (
+    CompareOp,
+    CompareTarget,
+    Consistency,
+    KeyValue,
+    KVService,
+    Limits,
+    RequestContext,
+    TxnCompare,
+    TxnOp,
+    TxnOpKind,
+    TxnOpResult,
+    TxnRequest,
+)
+
+__all__ = ["KV_ROUTE_PREFIX", "create_app", "error_response", "parse_txn", "txn_body_limit_bytes"]
+
+logger = logging.getLogger(__name__)
+
+KV_ROUTE_PREFIX: Final = "/v1/kv/"
+MAX_VERSION: Final = 2**63 - 1
+MAX_CURSOR_BYTES: Final = 8192
+MAX_IDEMPOTENCY_KEY_CHARS: Final = 128
+MAX_HOPS: Final = 1000
+_BODY_CHUNK_BYTES: Final = 64 * 1024
+_INTERNAL_ERROR_MESSAGE: Final = "internal error; see the node log"
+
+_DECIMAL = re.compile(r"[0-9]+")
+_BAD_PERCENT_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]+")
+
+_Enum = TypeVar("_Enum", bound=enum.Enum)
+
+
+def txn_body_limit_bytes(limits: Limits) -> int:
+    """A txn's JSON body may carry about two max-size values in base64 plus its keys."""
+    return 2 * limits.max_value_bytes + (1 << 20)
+
+
+# --- errors: the one mapping from exceptions to HTTP responses -------------------------------
+
+# Errors aiohttp raises itself (routing, its own body cap) and the code we give each.
+_HTTP_EXCEPTION_CODES: Final[Mapping[int, tuple[str, str]]] = {
+    400: ("invalid_request", "bad request"),
+    404: ("route_not_found", "no such route; see docs/api.md"),
+    405: ("method_not_allowed", "method not allowed on this route"),
+    413: ("payload_too_large", "request body too large"),
+}
+
+
+def _error_json(
+    status: int, code: str, message: str, *, extra: Mapping[str, Any] | None = None
+) -> web.Response:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if extra:
+        body.update(extra)
+    headers: dict[str, str] = {}
+    if status == 503:
+        headers["Retry-After"] = str(body.get("retry_after_s", 1))
+    return web.json_response({"error": body}, status=status, headers=headers)
+
+
+def error_response(exc: BaseException) -> web.Response:
+    """The response for any exception a handler raises (KVError, aiohttp's, or a bug)."""
+    if isinstance(exc, KVError) and exc.code != "internal":
+        extra: dict[str, Any] = {}
+        if isinstance(exc, PreconditionFailed):
+            extra["current_version"] = exc.current_version
+        if isinstance(exc, ShardUnavailable):
+            extra["retry_after_s"] = max(0, int(exc.retry_after_s))
+        return _error_json(exc.status, exc.code, exc.message, extra=extra)
+    if isinstance(exc, web.HTTPException) and exc.status >= 400:
+        code, message = _HTTP_EXCEPTION_CODES.get(exc.status, (f"http_{exc.status}", exc.reason))
+        response = _error_json(exc.status, code, message)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    return _error_json(500, "internal", _INTERNAL_ERROR_MESSAGE)
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise  # redirects and the like are not errors
+        return error_response(exc)
+    except Exception as exc:
+        if not isinstance(exc, KVError) or exc.code == "internal":
+            # A bug: the traceback goes to the log, never to the client.
+            logger.exception("unhandled error in %s %s", request.method, _route_label(request))
+        return error_response(exc)
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+_METHOD_LABELS: Final = frozenset({"GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"})
+
+
+def _route_label(request: web.Request) -> str:
+    # Route templates only, never raw paths: label cardinality stays bounded.
+    match_info = request.match_info
+    if match_info.http_exception is not None:
+        return "unmatched"
+    resource = match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _metrics_middleware(registry: CollectorRegistry) -> Middleware:
+    requests_total = Counter(
+        "kv_http_requests_total",
+        "HTTP requests answered, by method, route template and status.",
+        ["method", "route", "status"],
+        registry=registry,
+    )
+    duration_s = Histogram(
+        "kv_http_request_duration_seconds",
+        "HTTP request latency, by method and route template.",
+        ["method", "route"],
+        registry=registry,
+    )
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started_s = time.perf_counter()
+        status = "500"
+        try:
+            response = await handler(request)
+            status = str(response.status)
+            return response
+        except web.HTTPException as exc:
+            status = str(exc.status)
+            raise
+        except asyncio.CancelledError:
+            status = "499"  # the client went away first (nginx's convention)
+            raise
+        finally:
+            method = request.method if request.method in _METHOD_LABELS else "other"
+            route = _route_label(request)
+            requests_total.labels(method, route, status).inc()
+            duration_s.labels(method, route).observe(time.perf_counter() - started_s)
+
+    return middleware
+
+
+# --- parsing and validation ------------------------------------------------------------------
+
+
+def _percent_decode(raw: str, what: str) -> str:
+    """Strict percent-decoding: every escape well formed, the result valid UTF-8."""
+    if _BAD_PERCENT_ESCAPE.search(raw):
+        raise InvalidRequest(f"{what} has a malformed percent-escape")
+    # surrogateescape: raw non-ASCII bytes in the request line come through as surrogates.
+    data = raw.encode("utf-8", "surrogateescape")
+    parts = data.split(b"%")
+    decoded = bytearray(parts[0])
+    for part in parts[1:]:
+        decoded.append(int(part[:2], 16))
+        decoded += part[2:]
+    try:
+        return decoded.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"{what} is not valid UTF-8 after percent-decoding") from None
+
+
+def _check_key(key: str, limits: Limits, what: str = "key") -> str:
+    if not key:
+        raise InvalidRequest(f"{what} must not be empty")
+    if "\x00" in key:
+        raise InvalidRequest(f"{what} must not contain NUL")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{what} is not valid UTF-8 (lone surrogate)") from None
+    if size > limits.max_key_bytes:
+        raise PayloadTooLarge(f"{what} is {size} bytes; the limit is {limits.max_key_bytes}")
+    return key
+
+
+def _check_bound(value: str, limits: Limits, what: str) -> str:
+    """A scan prefix/start/end: like a key, but may be empty and is a parameter (400, not 413)."""
+    if "\x00" in value:
+        raise InvalidRequest(f"{what} must not contain NUL")
+    if len(value.encode("utf-8")) > limits.max_key_bytes:
+        raise InvalidRequest(f"{what} is longer than {limits.max_key_bytes} bytes")
+    return value
+
+
+def _key_from_path(request: web.Request, limits: Limits) -> str:
+    # Decode the raw path ourselves: aiohttp's match_info leaves invalid UTF-8 escapes such as
+    # %ff as literal text, which would silently turn them into a different key.
+    raw_path = request.rel_url.raw_path
+    if not raw_path.startswith(KV_ROUTE_PREFIX):
+        raise AssertionError(f"kv handler reached for {raw_path!r}")
+    return _check_key(_percent_decode(raw_path[len(KV_ROUTE_PREFIX) :], "key"), limits)
+
+
+def _query(request: web.Request) -> dict[str, list[str]]:
+    """The query string decoded strictly (aiohttp turns bad UTF-8 into U+FFFD silently)."""
+    params: dict[str, list[str]] = {}
+    for field in request.rel_url.raw_query_string.split("&"):
+        if not field:
+            continue
+        raw_name, _, raw_value = field.partition("=")
+        name = _percent_decode(raw_name.replace("+", " "), "query parameter name")
+        params.setdefault(name, []).append(
+            _percent_decode(raw_value.replace("+", " "), f"query parameter {name!r}")
+        )
+    return params
+
+
+def _param(params: dict[str, list[str]], name: str) -> str | None:
+    values = params.get(name)
+    if values is None:
+        return None
+    if len(values) > 1:
+        raise InvalidRequest(f"query parameter {name!r} given more than once")
+    return values[0]
+
+
+def _decimal(raw: str, what: str, *, low: int, high: int) -> int:
+    if len(raw) > 32 or not _DECIMAL.fullmatch(raw):
+        raise InvalidRequest(f"{what} must be a decimal integer in [{low}, {high}]")
+    number = int(raw)
+    if not low <= number <= high:
+        raise InvalidRequest(f"{what} must be a decimal integer in [{low}, {high}]")
+    return number
+
+
+def _if_version(params: dict[str, list[str]]) -> int | None:
+    raw = _param(params, "if_version")
+    return None if raw is None else _decimal(raw, "if_version", low=0, high=MAX_VERSION)
+
+
+def _consistency(params: dict[str, list[str]]) -> Consistency:
+    raw = _param(params, "consistency")
+    if raw is None:
+        return Consistency.LINEARIZABLE
+    try:
+        return Consistency(raw)
+    except ValueError:
+        raise InvalidRequest("consistency must be 'linearizable' or 'stale'") from None
+
+
+def _context(request: web.Request, *, accepts_idempotency_key: bool) -> RequestContext:
+    hops_values = request.headers.getall("X-KV-Hops", [])
+    if len(hops_values) > 1:
+        raise InvalidRequest("X-KV-Hops given more than once")
+    hops = _decimal(hops_values[0], "X-KV-Hops", low=0, high=MAX_HOPS) if hops_values else 0
+    idempotency_key: str | None = None
+    if accepts_idempotency_key:
+        keys = request.headers.getall("Idempotency-Key", [])
+        if len(keys) > 1:
+            raise InvalidRequest("Idempotency-Key given more than once")
+        if keys:
+            idempotency_key = keys[0]
+            if (
+                not _PRINTABLE_ASCII.fullmatch(idempotency_key)
+                or len(idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS
+            ):
+                raise InvalidRequest(
+                    "Idempotency-Key must be 1 to "
+                    f"{MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters"
+                )
+    return RequestContext(hops=hops, idempotency_key=idempotency_key)
+
+
+async def _read_body(request: web.Request, limit: int, what: str) -> bytes:
+    # Our own capped reader, so the limit is exact and the error names what was too large;
+    # the Application's client_max_size only guards handlers that call request.read().
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"{what} is {request.content_length} bytes; the limit is {limit}")
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(_BODY_CHUNK_BYTES):
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"{what} is over the limit of {limit} bytes")
+    return bytes(body)
+
+
+def _b64encode(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+# --- the transaction body --------------------------------------------------------------------
+
+_TXN_FIELDS: Final = frozenset({"compare", "success", "failure"})
+_COMPARE_FIELDS: Final[Mapping[CompareTarget, frozenset[str]]] = {
+    CompareTarget.VERSION: frozenset({"key", "target", "op", "version"}),
+    CompareTarget.VALUE: frozenset({"key", "target", "op", "value"}),
+}
+_OP_FIELDS: Final[Mapping[TxnOpKind, frozenset[str]]] = {
+    TxnOpKind.PUT: frozenset({"op", "key", "value"}),
+    TxnOpKind.DELETE: frozenset({"op", "key"}),
+    TxnOpKind.GET: frozenset({"op", "key"}),
+}
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidRequest(f"{name} is not valid JSON")
+
+
+def _object(
+    doc: Any, where: str, allowed: frozenset[str], *, optional: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    if not isinstance(doc, dict):
+        raise InvalidRequest(f"{where} must be a JSON object")
+    unknown = sorted(doc.keys() - allowed)
+    if unknown:
+        # Echo a few, shortened: the names come from the client and may be huge.
+        shown = ", ".join(repr(name[:40]) for name in unknown[:5])
+        raise InvalidRequest(f"{where} has unknown field(s) {shown}")
+    missing = sorted(allowed - optional - doc.keys())
+    if missing:
+        raise InvalidRequest(f"{where} is missing field(s) {', '.join(missing)}")
+    return doc
+
+
+def _enum_field(doc: dict[str, Any], name: str, enum_type: type[_Enum], where: str) -> _Enum:
+    raw = doc.get(name)
+    choices = ", ".join(repr(member.value) for member in enum_type)
+    if not isinstance(raw, str):
+        raise InvalidRequest(f"{where}.{name} must be one of {choices}")
+    try:
+        return enum_type(raw)
+    except ValueError:
+        raise InvalidRequest(f"{where}.{name} must be one of {choices}") from None
+
+
+def _key_field(doc: dict[str, Any], where: str, limits: Limits) -> str:
+    key = doc.get("key")
+    if not isinstance(key, str):
+        raise InvalidRequest(f"{where}.key must be a string")
+    return _check_key(key, limits, f"{where}.key")
+
+
+def _value_field(doc: dict[str, Any], where: str, limits: Limits) -> bytes:
+    raw = doc.get("value")
+    if not isinstance(raw, str):
+        raise InvalidRequest(f"{where}.value must be a base64 string")
+    try:
+        value = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"{where}.value is not valid base64 (RFC 4648, padded)") from None
+    if len(value) > limits.max_value_bytes:
+        raise PayloadTooLarge(
+            f"{where}.value is {len(value)} bytes; the limit is {limits.max_value_bytes}"
+        )
+    return value
+
+
+def _list_field(doc: dict[str, Any], name: str, limits: Limits) -> list[Any]:
+    items = doc.get(name, [])
+    if not isinstance(items, list):
+        raise InvalidRequest(f"{name} must be a JSON array")
+    if len(items) > limits.max_txn_ops:
+        raise InvalidRequest(f"{name} has {len(items)} entries; the limit is {limits.max_txn_ops}")
+    return items
+
+
+def _parse_compare(doc: Any, where: str, limits: Limits) -> TxnCompare:
+    if not isinstance(doc, dict):
+        raise InvalidRequest(f"{where} must be a JSON object")
+    target = _enum_field(doc, "target", CompareTarget, where)
+    _object(doc, where, _COMPARE_FIELDS[target])
+    key = _key_field(doc, where, limits)
+    op = _enum_field(doc, "op", CompareOp, where)
+    if target is CompareTarget.VALUE:
+        return TxnCompare(key, target, op, value=_value_field(doc, where, limits))
+    version = doc["version"]
+    if type(version) is not int or not 0 <= version <= MAX_VERSION:
+        raise InvalidRequest(f"{where}.version must be an integer in [0, {MAX_VERSION}]")
+    return TxnCompare(key, target, op, version=version)
+
+
+def _parse_op(doc: Any, where: str, limits: Limits) -> TxnOp:
+    if not isinstance(doc, dict):
+        raise InvalidRequest(f"{where} must be a JSON object")
+    kind = _enum_field(doc, "op", TxnOpKind, where)
+    _object(doc, where, _OP_FIELDS[kind])
+    key = _key_field(doc, where, limits)
+    if kind is TxnOpKind.PUT:
+        return TxnOp(kind, key, _value_field(doc, where, limits))
+    return TxnOp(kind, key)
+
+
+def parse_txn(body: bytes, limits: Limits) -> TxnRequest:
+    try:
+        doc = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise InvalidRequest("the body is not valid JSON") from None
+    _object(doc, "the body", _TXN_FIELDS, optional=_TXN_FIELDS)  # absent branch = []
+    return TxnRequest(
+        compare=tuple(
+            _parse_compare(item, f"compare[{i}]", limits)
+            for i, item in enumerate(_list_field(doc, "compare", limits))
+        ),
+        success=tuple(
+            _parse_op(item, f"success[{i}]", limits)
+            for i, item in enumerate(_list_field(doc, "success", limits))
+        ),
+        failure=tuple(
+            _parse_op(item, f"failure[{i}]", limits)
+            for i, item in enumerate(_list_field(doc, "failure", limits))
+        ),
+    )
+
+
+def _txn_result_json(result: TxnOpResult) -> dict[str, Any]:
+    item: dict[str, Any] = {"op": result.kind.value, "key": result.key, "version": result.version}
+    if result.kind is TxnOpKind.GET:
+        item["value"] = None if result.value is None else _b64encode(result.value)
+    return item
+
+
+def _kv_json(item: KeyValue) -> dict[str, Any]:
+    return {"key": item.key, "value": _b64encode(item.value), "version": item.version}
+
+
+# --- handlers --------------------------------------------------------------------------------
+
+
+class _Routes:
+    def __init__(self, service: KVService, registry: CollectorRegistry) -> None:
+        self._service = service
+        self._limits = service.limits
+        self._registry = registry
+
+    async def get_key(self, request: web.Request) -> web.Response:
+        key = _key_from_path(request, self._limits)
+        params = _query(request)
+        consistency = _consistency(params)
+        ctx = _context(request, accepts_idempotency_key=False)
+        item = await self._service.get(key, consistency, ctx)
+        return web.Response(
+            body=item.value,
+            content_type="application/octet-stream",
+            headers={"X-KV-Version": str(item.version)},
+        )
+
+    async def put_key(self, request: web.Request) -> web.Response:
+        key = _key_from_path(request, self._limits)
+        if_version = _if_version(_query(request))
+        ctx = _context(request, accepts_idempotency_key=True)
+        value = await _read_body(request, self._limits.max_value_bytes, "value")
+        written = await self._service.put(key, value, if_version, ctx)
+        return web.json_response({"key": written.key, "version": written.version})
+
+    async def delete_key(self, request: web.Request) -> web.Response:
+        key = _key_from_path(request, self._limits)
+        if_version = _if_version(_query(request))
+        ctx = _context(request, accepts_idempotency_key=True)
+        deleted = await self._service.delete(key, if_version, ctx)
+        return web.json_response({"key": deleted.key, "version": deleted.version})
+
+    async def scan(self, request: web.Request) -> web.Response:
+        params = _query(request)
+        limits = self._limits
+        prefix = _check_bound(_param(params, "prefix") or "", limits, "prefix")
+        start = _param(params, "start") or None  # empty = unbounded
+        end = _param(params, "end") or None
+        raw_limit = _param(params, "limit")
+        limit = (
+            limits.default_scan_limit
+            if raw_limit is None
+            else _decimal(raw_limit, "limit", low=1, high=limits.max_scan_limit)
+        )
+        cursor = _param(params, "cursor") or None
+        if cursor is not None and len(cursor.encode("utf-8")) > MAX_CURSOR_BYTES:
+            raise InvalidRequest(f"cursor is longer than {MAX_CURSOR_BYTES} bytes")
+        page = await self._service.scan(
+            prefix=prefix,
+            start=None if start is None else _check_bound(start, limits, "start"),
+            end=None if end is None else _check_bound(end, limits, "end"),
+            limit=limit,
+            cursor=cursor,
+            consistency=_consistency(params),
+            ctx=_context(request, accepts_idempotency_key=False),
+        )
+        return web.json_response(
+            {"items": [_kv_json(item) for item in page.items], "next_cursor": page.next_cursor}
+        )
+
+    async def txn(self, request: web.Request) -> web.Response:
+        ctx = _context(request, accepts_idempotency_key=True)
+        body = await _read_body(request, txn_body_limit_bytes(self._limits), "txn body")
+        result = await self._service.txn(parse_txn(body, self._limits), ctx)
+        return web.json_response(
+            {
+                "succeeded": result.succeeded,
+                "results": [_txn_result_json(item) for item in result.results],
+            }
+        )
+
+    async def cluster(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._service.cluster_status())
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        is_ready, reason = self._service.is_ready()
+        if is_ready:
+            return web.json_response({"ready": True})
+        return web.json_response(
+            {"ready": False, "reason": reason}, status=503, headers={"Retry-After": "1"}
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self._registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+
+def create_app(service: KVService, *, registry: CollectorRegistry) -> web.Application:
+    """The public API of one node; the node may add its own routes under /v1/internal/."""
+    limits = service.limits
+    # The request line must fit the longest valid scan: three bounds of max_key_bytes, each
+    # percent-encoded (3 chars per byte), plus a cursor. aiohttp's default (8190) would answer
+    # a valid 4 KiB non-ASCII key with its own plain-text 400 before any handler runs.
+    max_line_size = 3 * (3 * limits.max_key_bytes + 16) + 3 * MAX_CURSOR_BYTES + 1024
+    app = web.Application(
+        middlewares=[_metrics_middleware(registry), _error_middleware],
+        client_max_size=txn_body_limit_bytes(limits),
+        handler_args={"max_line_size": max(max_line_size, 8190)},
+    )
+    routes = _Routes(service, registry)
+    key_path = KV_ROUTE_PREFIX + "{key:.*}"  # ".*": an empty key gets a 400, not a 404
+    app.router.add_get(key_path, routes.get_key)
+    app.router.add_put(key_path, routes.put_key)
+    app.router.add_delete(key_path, routes.delete_key)
+    app.router.add_get("/v1/scan", routes.scan)
+    app.router.add_post("/v1/txn", routes.txn)
+    app.router.add_get("/v1/cluster", routes.cluster)
+    app.router.add_get("/health", routes.health)
+    app.router.add_get("/ready", routes.ready)
+    app.router.add_get("/metrics", routes.metrics)
+    return app

@@ -1,0 +1,63 @@
+"""Prometheus metrics of the Raft side of a node, read at scrape time (no hot-path cost)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from raft.core.types import NodeId
+from raft.runtime.host import RaftHost
+from raft.runtime.transport import PeerStats
+
+
+class RaftCollector(Collector):
+    def __init__(
+        self, host: RaftHost, peer_stats: Callable[[], Mapping[NodeId, PeerStats]]
+    ) -> None:
+        self._host = host
+        self._peer_stats = peer_stats
+
+    def collect(self) -> Iterator[Metric]:
+        host = self._host
+        term = GaugeMetricFamily("kv_raft_term", "Current Raft term", labels=["shard"])
+        commit = GaugeMetricFamily("kv_raft_commit_index", "Commit index", labels=["shard"])
+        applied = GaugeMetricFamily("kv_raft_applied_index", "Applied index", labels=["shard"])
+        leader = GaugeMetricFamily(
+            "kv_raft_is_leader", "1 if this node leads the shard", labels=["shard"]
+        )
+        for group_id in host.group_ids():
+            status = host.status(group_id)
+            label = [str(group_id)]
+            term.add_metric(label, status.term)
+            commit.add_metric(label, status.commit_index)
+            applied.add_metric(label, status.applied_index)
+            leader.add_metric(label, 1 if status.role == "leader" else 0)
+        yield from (term, commit, applied, leader)
+        metrics = host.metrics
+        yield CounterMetricFamily(
+            "kv_raft_proposals", "Proposals appended to a leader's log", value=metrics.proposals
+        )
+        yield CounterMetricFamily(
+            "kv_raft_fsyncs",
+            "LMDB transactions (one fsync each) of the Raft loop",
+            value=metrics.fsyncs,
+        )
+        yield CounterMetricFamily(
+            "kv_raft_fsync_seconds",
+            "Time spent in those transactions",
+            value=metrics.fsync_seconds_total,
+        )
+        yield CounterMetricFamily(
+            "kv_raft_entries_persisted", "Log entries persisted", value=metrics.entries_persisted
+        )
+        sent = CounterMetricFamily("kv_peer_sent_bytes", "Bytes sent to a peer", labels=["peer"])
+        received = CounterMetricFamily(
+            "kv_peer_received_bytes", "Bytes received from a peer", labels=["peer"]
+        )
+        for peer, stats in self._peer_stats().items():
+            sent.add_metric([str(peer)], stats.bytes_sent)
+            received.add_metric([str(peer)], stats.bytes_received)
+        yield sent
+        yield received

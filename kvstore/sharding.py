@@ -1,0 +1,147 @@
+"""Pure: which shard owns a key, and where each shard's replicas live.
+
+Keys hash (xxh64, stable across processes and versions, never Python's hash()) onto a 64-bit
+token ring cut into contiguous ranges, one per shard. Replicas are placed by rendezvous hashing,
+so adding or removing a node moves only the replicas it must.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+import msgpack
+import xxhash
+
+from raft.core.types import NodeId
+
+TOKEN_SPACE = 1 << 64
+META_GROUP_ID = 0  # the Raft group holding the shard map; shard ids start at 1
+MAX_META_VOTERS = 5
+
+
+def key_token(key: str) -> int:
+    return xxhash.xxh64_intdigest(key.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    id: NodeId
+    client_url: str  # http(s)://host:port of its HTTP API
+    peer_address: tuple[str, int]  # its Raft transport
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSpec:
+    id: int
+    start_token: int  # inclusive
+    end_token: int  # exclusive; the last shard ends at TOKEN_SPACE
+    replicas: tuple[NodeId, ...]  # replicas[0] is the preferred leader
+
+    def owns(self, token: int) -> bool:
+        return self.start_token <= token < self.end_token
+
+
+@dataclass(frozen=True, slots=True)
+class ShardMap:
+    """Every shard's token range and replicas, and every node's addresses, at one epoch."""
+
+    epoch: int
+    shards: tuple[ShardSpec, ...]  # sorted by start_token, covering the whole ring
+    nodes: tuple[NodeInfo, ...]
+    meta_voters: tuple[NodeId, ...]
+    _starts: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        expected = 0
+        for shard in self.shards:
+            if shard.start_token != expected or shard.end_token <= shard.start_token:
+                raise ValueError(f"shard {shard.id} does not continue the ring at {expected}")
+            expected = shard.end_token
+        if self.shards and expected != TOKEN_SPACE:
+            raise ValueError("the shards do not cover the whole token ring")
+        object.__setattr__(self, "_starts", tuple(shard.start_token for shard in self.shards))
+
+    def shard_for_key(self, key: str) -> ShardSpec:
+        return self.shards[bisect.bisect_right(self._starts, key_token(key)) - 1]
+
+    def shard(self, shard_id: int) -> ShardSpec:
+        for shard in self.shards:  # NB: linear; fine below a few hundred shards
+            if shard.id == shard_id:
+                return shard
+        raise KeyError(f"no shard {shard_id} in the shard map (epoch {self.epoch})")
+
+    def node(self, node_id: NodeId) -> NodeInfo:
+        for node in self.nodes:
+            if node.id == node_id:
+                return node
+        raise KeyError(f"no node {node_id} in the shard map (epoch {self.epoch})")
+
+    def shards_on(self, node_id: NodeId) -> list[ShardSpec]:
+        return [shard for shard in self.shards if node_id in shard.replicas]
+
+    def encode(self) -> bytes:
+        packed: bytes = msgpack.packb(
+            (
+                self.epoch,
+                [
+                    (s.id, s.start_token, s.end_token - 1, list(s.replicas)) for s in self.shards
+                ],  # u64
+                [(n.id, n.client_url, list(n.peer_address)) for n in self.nodes],
+                list(self.meta_voters),
+            )
+        )
+        return packed
+
+    @classmethod
+    def decode(cls, data: bytes) -> ShardMap:
+        epoch, shards, nodes, meta_voters = msgpack.unpackb(data)
+        return cls(
+            epoch=epoch,
+            shards=tuple(
+                ShardSpec(i, start, last + 1, tuple(NodeId(r) for r in replicas))
+                for i, start, last, replicas in shards
+            ),
+            nodes=tuple(NodeInfo(NodeId(i), url, (peer[0], peer[1])) for i, url, peer in nodes),
+            meta_voters=tuple(NodeId(v) for v in meta_voters),
+        )
+
+
+def rendezvous_replicas(
+    shard_id: int, node_ids: list[NodeId], replication: int
+) -> tuple[NodeId, ...]:
+    """The `replication` nodes with the highest hash score for this shard (HRW hashing)."""
+    scored = sorted(
+        node_ids,
+        key=lambda node: xxhash.xxh64_intdigest(f"{shard_id}:{node}".encode()),
+        reverse=True,
+    )
+    return tuple(scored[:replication])
+
+
+def initial_shard_map(nodes: list[NodeInfo], shard_count: int, replication: int) -> ShardMap:
+    """Equal token ranges; replicas by rendezvous hashing, then the preferred leader rotated so
+    leadership spreads evenly over the nodes. Deterministic: every node computes the same map."""
+    if shard_count < 1:
+        raise ValueError("shards must be >= 1")
+    if not 1 <= replication <= len(nodes):
+        raise ValueError(f"replication must be between 1 and the node count ({len(nodes)})")
+    node_ids = sorted(node.id for node in nodes)
+    width = TOKEN_SPACE // shard_count
+    shards = []
+    leads: dict[NodeId, int] = dict.fromkeys(node_ids, 0)
+    for number in range(shard_count):
+        shard_id = number + 1
+        replicas = list(rendezvous_replicas(shard_id, node_ids, replication))
+        preferred = min(replicas, key=lambda node: (leads[node], node))
+        replicas.remove(preferred)
+        leads[preferred] += 1
+        start = number * width
+        end = TOKEN_SPACE if number == shard_count - 1 else start + width
+        shards.append(ShardSpec(shard_id, start, end, (preferred, *replicas)))
+    return ShardMap(
+        epoch=1,
+        shards=tuple(shards),
+        nodes=tuple(sorted(nodes, key=lambda node: node.id)),
+        meta_voters=tuple(node_ids[:MAX_META_VOTERS]),
+    )

@@ -1,0 +1,526 @@
+"""KVStateMachine: applies one shard's committed commands to LMDB, serves its reads, snapshots it.
+
+Many shards share one environment: every key in the kv.* databases starts with the shard id
+(8 bytes, big-endian), so a shard is one contiguous key range per database. Durable state is
+written only through the transaction the runtime passes in (it may retry it): nothing lives in
+memory. Every stored record carries a checksum verified on read; a mismatch raises
+CorruptValueError(shard_id, key) rather than answering wrongly.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Sequence
+from operator import itemgetter
+from typing import Any
+
+import lmdb
+import msgpack
+import xxhash
+
+from kvstore.commands import (
+    FAILED_INVALID,
+    FAILED_NOT_FOUND,
+    FAILED_PRECONDITION,
+    Command,
+    Delete,
+    Failed,
+    Outcome,
+    Put,
+    Txn,
+    decode_command,
+    decode_outcome,
+    encode_outcome,
+)
+from kvstore.service import (
+    CompareOp,
+    CompareTarget,
+    KeyValue,
+    KeyVersion,
+    TxnCompare,
+    TxnOp,
+    TxnOpKind,
+    TxnOpResult,
+    TxnResult,
+)
+from raft.core.messages import Entry, EntryKind, Snapshot
+from raft.core.types import LogIndex
+
+_DATA_DB = b"kv.data"  # shard + stored key -> record(version) [+ full key] + value
+_META_DB = b"kv.meta"  # shard -> (applied index, key count, checksum)
+_IDEM_DB = b"kv.idem"  # shard + stored idempotency key -> record(entry index) + outcome
+_IDEM_BY_INDEX_DB = b"kv.idem_by_index"  # shard + entry index -> idempotency key (eviction)
+
+_SHARD = struct.Struct(">Q")
+_INDEX = struct.Struct(">Q")
+_SHARD_BYTES = _SHARD.size
+# version (or entry index), then xxh64(full key + value) seeded with it, so a flipped version
+# fails the checksum too.
+_RECORD = struct.Struct(">QQ")
+_KEY_LENGTH = struct.Struct(">I")  # long keys only: the full key follows the record header
+_META = struct.Struct(">QQ")  # applied index, key count; then their xxh64 seeded with the shard
+_META_NAME = "(shard metadata)"  # what CorruptValueError names for a bad kv.meta record
+_SNAPSHOT_DIGEST = struct.Struct(">Q")
+_SNAPSHOT_FORMAT = 1
+_MAX_U64 = (1 << 64) - 1
+
+# LMDB keys stop at 511 bytes. Longer keys are stored as their first 480 bytes, a 0xff marker
+# (never part of UTF-8) and an xxh128 of the whole key: byte order stays right except among long
+# keys sharing their first 480 bytes, which sit adjacent and are re-sorted when read.
+_INLINE_KEY_BYTES = 480
+_LONG_KEY_MARK = b"\xff"
+_LONG_HEAD_BYTES = _SHARD_BYTES + _INLINE_KEY_BYTES
+_LONG_LMDB_KEY_BYTES = _LONG_HEAD_BYTES + 1 + 16
+
+_first = itemgetter(0)
+
+
+class CorruptValueError(Exception):
+    """A stored record failed its checksum or does not belong to its key. Stops the node."""
+
+    def __init__(
+        self, shard_id: int, key: str, detail: str = "stored value failed its checksum"
+    ) -> None:
+        shown = key if len(key) <= 200 else key[:200] + "..."
+        super().__init__(f"shard {shard_id}: key {shown!r}: {detail}")
+        self.shard_id = shard_id
+        self.key = key
+
+
+def _stored_key(prefix: bytes, key: bytes) -> bytes:
+    if len(key) <= _INLINE_KEY_BYTES:
+        return prefix + key
+    return prefix + key[:_INLINE_KEY_BYTES] + _LONG_KEY_MARK + xxhash.xxh128_digest(key)
+
+
+def _seal(key: bytes, version: int, value: bytes) -> bytes:
+    header = _RECORD.pack(version, xxhash.xxh64_intdigest(key + value, version))
+    if len(key) <= _INLINE_KEY_BYTES:
+        return header + value
+    return header + _KEY_LENGTH.pack(len(key)) + key + value
+
+
+class KVStateMachine:
+    """One shard's KV data: raft.runtime.host.StateMachine plus the reads the API serves.
+
+    Versions are Raft indexes: a key's version is the index of the entry that last wrote it
+    (0: absent), so they never repeat and compare-and-set has no ABA problem.
+    Idempotency: a command whose key was recorded by an entry within the last
+    `idempotency_window_entries` indexes (index > current - window) returns the recorded
+    outcome and changes nothing. The window must be the same on every replica.
+    """
+
+    def __init__(
+        self,
+        env: lmdb.Environment,
+        shard_id: int,
+        *,
+        idempotency_window_entries: int = 100_000,
+    ) -> None:
+        if not 0 <= shard_id <= _MAX_U64:
+            raise ValueError(f"shard id out of range: {shard_id}")
+        if idempotency_window_entries < 1:
+            raise ValueError(f"idempotency window must be >= 1, got {idempotency_window_entries}")
+        self.shard_id = shard_id
+        self.idempotency_window_entries = idempotency_window_entries
+        self._env = env
+        self._prefix = _SHARD.pack(shard_id)
+        self._data = env.open_db(_DATA_DB)
+        self._meta = env.open_db(_META_DB)
+        self._idem = env.open_db(_IDEM_DB)
+        self._idem_by_index = env.open_db(_IDEM_BY_INDEX_DB)
+
+    # ------------------------------------------------------------------ StateMachine
+
+    def applied_index(self) -> LogIndex:
+        with self._env.begin() as txn:
+            return self._read_meta(txn)[0]
+
+    def apply(self, txn: lmdb.Transaction[bytes], entries: Sequence[Entry]) -> list[object]:
+        """One outcome per entry (None for no-ops and membership changes). Writes only via txn."""
+        applied, key_count = self._read_meta(txn)
+        batch = _Batch(self, txn, key_count)
+        results: list[object] = []
+        for entry in entries:
+            if entry.index <= applied:
+                raise AssertionError(
+                    f"shard {self.shard_id}: entry {entry.index} applied again (at {applied})"
+                )
+            applied = entry.index
+            if entry.kind is not EntryKind.NORMAL or not entry.data:
+                results.append(None)
+            else:
+                results.append(batch.apply(entry))
+        if entries:
+            self._evict_idempotency_records(txn, applied)
+            self._write_meta(txn, applied, batch.key_count)
+        return results
+
+    def snapshot(self) -> bytes:
+        """Data, idempotency records and applied index, from one read transaction."""
+        with self._env.begin() as txn:
+            applied, _ = self._read_meta(txn)
+            data = list(self._records(txn.cursor(db=self._data), self._prefix))
+            idem = []
+            cursor = txn.cursor(db=self._idem)
+            if cursor.set_range(self._prefix):
+                for stored, raw in cursor.iternext():
+                    if not stored.startswith(self._prefix):
+                        break
+                    idem.append(self._open(stored, raw))
+        payload: bytes = msgpack.packb((_SNAPSHOT_FORMAT, self.shard_id, applied, data, idem))
+        return _SNAPSHOT_DIGEST.pack(xxhash.xxh64_intdigest(payload)) + payload
+
+    def restore(self, txn: lmdb.Transaction[bytes], snapshot: Snapshot) -> None:
+        """Replace this shard's state (and only this shard's) by `snapshot`."""
+        data, idem = self._parse_snapshot(snapshot)
+        for db in (self._data, self._idem, self._idem_by_index):
+            _delete_range(txn.cursor(db=db), self._prefix)
+        prefix = self._prefix
+        txn.cursor(db=self._data).putmulti(
+            [(_stored_key(prefix, key), _seal(key, version, value)) for key, version, value in data]
+        )
+        for key, index, outcome in idem:
+            txn.put(_stored_key(prefix, key), _seal(key, index, outcome), db=self._idem)
+            txn.put(prefix + _INDEX.pack(index), key, db=self._idem_by_index)
+        self._write_meta(txn, snapshot.meta.index, len(data))
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, key: str) -> KeyValue | None:
+        with self._env.begin(db=self._data) as txn:
+            found = self._lookup(txn, key)
+        return None if found is None else KeyValue(key, found[1], found[0])
+
+    def scan(
+        self,
+        prefix: str = "",
+        start: str | None = None,
+        end: str | None = None,
+        after: str | None = None,
+        limit: int = 1000,
+    ) -> list[KeyValue]:
+        """Keys k with k.startswith(prefix), start <= k < end, k > after (each when given), in
+        UTF-8 byte order (which is code point order), at most `limit` of them."""
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        prefix_bytes = prefix.encode()
+        end_bytes = None if end is None else end.encode()
+        after_bytes = None if after is None else after.encode()
+        low = prefix_bytes
+        if start is not None:
+            low = max(low, start.encode())
+        if after_bytes is not None:
+            low = max(low, after_bytes)
+        found: list[KeyValue] = []
+        if limit == 0:
+            return found
+        with self._env.begin(db=self._data) as txn:
+            first = self._prefix + low[:_INLINE_KEY_BYTES]  # at or before the first match
+            for key, version, value in self._records(txn.cursor(), first):
+                if key < low or (after_bytes is not None and key <= after_bytes):
+                    continue
+                if not key.startswith(prefix_bytes):
+                    break  # keys with the prefix are one contiguous range, and it is behind us
+                if end_bytes is not None and key >= end_bytes:
+                    break
+                found.append(KeyValue(key.decode(), value, version))
+                if len(found) >= limit:
+                    break
+        return found
+
+    def count(self) -> int:
+        with self._env.begin() as txn:
+            return self._read_meta(txn)[1]
+
+    def data_hash(self) -> tuple[int, int]:
+        """(applied index, xxh64 over every (key, version, value) in key order): replicas at the
+        same applied index must agree."""
+        hasher = xxhash.xxh64()
+        header = struct.Struct(">IQI")
+        with self._env.begin() as txn:
+            applied, _ = self._read_meta(txn)
+            for key, version, value in self._records(txn.cursor(db=self._data), self._prefix):
+                hasher.update(header.pack(len(key), version, len(value)))
+                hasher.update(key)
+                hasher.update(value)
+        return applied, hasher.intdigest()
+
+    # ------------------------------------------------------------------ records
+
+    def _lookup(self, txn: lmdb.Transaction[bytes], key: str) -> tuple[int, bytes] | None:
+        """(version, value) of `key`, checksum verified; None when absent."""
+        key_bytes = key.encode()
+        stored = _stored_key(self._prefix, key_bytes)
+        raw = txn.get(stored, db=self._data)
+        if raw is None:
+            return None
+        found_key, version, value = self._open(stored, raw)
+        if found_key != key_bytes:  # an xxh128 collision between two long keys
+            raise CorruptValueError(self.shard_id, key, "stored under another key's hash")
+        return version, value
+
+    def _open(self, stored: bytes, raw: bytes) -> tuple[bytes, int, bytes]:
+        """(full key, version, value) of a sealed record; CorruptValueError unless intact."""
+        try:
+            version, checksum = _RECORD.unpack_from(raw)
+            if len(stored) == _LONG_LMDB_KEY_BYTES:
+                (length,) = _KEY_LENGTH.unpack_from(raw, _RECORD.size)
+                key_end = _RECORD.size + _KEY_LENGTH.size + length
+                key = raw[_RECORD.size + _KEY_LENGTH.size : key_end]
+                value = raw[key_end:]
+                if len(key) != length or _stored_key(self._prefix, key) != stored:
+                    raise CorruptValueError(self.shard_id, self._name(stored), "key mismatch")
+            else:
+                key, value = stored[_SHARD_BYTES:], raw[_RECORD.size :]
+        except struct.error:
+            raise CorruptValueError(self.shard_id, self._name(stored), "truncated") from None
+        if xxhash.xxh64_intdigest(key + value, version) != checksum:
+            raise CorruptValueError(self.shard_id, self._name(stored))
+        return key, version, value
+
+    def _name(self, stored: bytes) -> str:
+        """The key a stored record is filed under, for error messages (a long key's head)."""
+        body = stored[_SHARD_BYTES:]
+        if len(stored) == _LONG_LMDB_KEY_BYTES:
+            body = body[:_INLINE_KEY_BYTES]
+        return body.decode(errors="replace")
+
+    def _records(
+        self, cursor: lmdb.Cursor[bytes], first: bytes
+    ) -> Iterator[tuple[bytes, int, bytes]]:
+        """This shard's (key, version, value) from stored key `first` on, in full-key order."""
+        prefix = self._prefix
+        if not cursor.set_range(first):
+            return
+        run: list[tuple[bytes, int, bytes]] = []  # long keys sharing their first 480 bytes
+        run_head = b""
+        for stored, raw in cursor.iternext():
+            if not stored.startswith(prefix):
+                break
+            if len(stored) == _LONG_LMDB_KEY_BYTES:
+                head = stored[:_LONG_HEAD_BYTES]
+                if run and head != run_head:
+                    run.sort(key=_first)
+                    yield from run
+                    run = []
+                run_head = head
+                run.append(self._open(stored, raw))
+                continue
+            if run:
+                run.sort(key=_first)
+                yield from run
+                run = []
+            yield self._open(stored, raw)
+        run.sort(key=_first)
+        yield from run
+
+    # ------------------------------------------------------------------ meta and idempotency
+
+    def _read_meta(self, txn: lmdb.Transaction[bytes]) -> tuple[LogIndex, int]:
+        raw = txn.get(self._prefix, db=self._meta)
+        if raw is None:
+            return LogIndex(0), 0
+        head = raw[: _META.size]
+        if (
+            len(raw) != _META.size + _INDEX.size
+            or _INDEX.pack(xxhash.xxh64_intdigest(head, self.shard_id)) != raw[_META.size :]
+        ):
+            raise CorruptValueError(self.shard_id, _META_NAME, "shard metadata failed its checksum")
+        applied, key_count = _META.unpack(head)
+        return LogIndex(applied), key_count
+
+    def _write_meta(self, txn: lmdb.Transaction[bytes], applied: int, key_count: int) -> None:
+        head = _META.pack(applied, key_count)
+        record = head + _INDEX.pack(xxhash.xxh64_intdigest(head, self.shard_id))
+        txn.put(self._prefix, record, db=self._meta)
+
+    def _find_outcome(
+        self, txn: lmdb.Transaction[bytes], idempotency_key: str, index: int
+    ) -> Outcome | None:
+        """The outcome recorded for idempotency_key if it is still inside the window at index."""
+        key = idempotency_key.encode()
+        stored = _stored_key(self._prefix, key)
+        raw = txn.get(stored, db=self._idem)
+        if raw is None:
+            return None
+        found_key, recorded_at, outcome = self._open(stored, raw)
+        if found_key != key:
+            raise CorruptValueError(self.shard_id, idempotency_key, "idempotency key mismatch")
+        if recorded_at <= index - self.idempotency_window_entries:
+            return None  # expired; the batch's eviction deletes it
+        return decode_outcome(outcome)
+
+    def _record_outcome(
+        self, txn: lmdb.Transaction[bytes], idempotency_key: str, index: int, outcome: Outcome
+    ) -> None:
+        key = idempotency_key.encode()
+        record = _seal(key, index, encode_outcome(outcome))
+        txn.put(_stored_key(self._prefix, key), record, db=self._idem)
+        txn.put(self._prefix + _INDEX.pack(index), key, db=self._idem_by_index)
+
+    def _evict_idempotency_records(self, txn: lmdb.Transaction[bytes], applied: int) -> None:
+        """Delete records made at index <= applied - window (a cursor range delete)."""
+        horizon = applied - self.idempotency_window_entries
+        if horizon < 1:
+            return
+        end = self._prefix + _INDEX.pack(horizon)
+        cursor = txn.cursor(db=self._idem_by_index)
+        if not cursor.set_range(self._prefix):
+            return
+        while True:
+            position = cursor.key()
+            if not position or position > end:
+                return
+            (index,) = _INDEX.unpack_from(position, _SHARD_BYTES)
+            key = cursor.value()
+            stored = _stored_key(self._prefix, key)
+            raw = txn.get(stored, db=self._idem)
+            # The key may have been recorded again since (after expiring): keep the newer one.
+            if raw is not None and self._open(stored, raw)[1] == index:
+                txn.delete(stored, db=self._idem)
+            if not cursor.delete():  # moves to the next key
+                return
+
+    def _parse_snapshot(
+        self, snapshot: Snapshot
+    ) -> tuple[list[tuple[bytes, int, bytes]], list[tuple[bytes, int, bytes]]]:
+        blob = snapshot.data
+        if len(blob) < _SNAPSHOT_DIGEST.size:
+            raise ValueError("snapshot too short")
+        payload = blob[_SNAPSHOT_DIGEST.size :]
+        if xxhash.xxh64_intdigest(payload) != _SNAPSHOT_DIGEST.unpack_from(blob)[0]:
+            raise ValueError(f"shard {self.shard_id}: snapshot failed its checksum")
+        try:
+            form, shard_id, applied, data, idem = msgpack.unpackb(payload, use_list=False)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"shard {self.shard_id}: malformed snapshot: {exc}") from exc
+        if form != _SNAPSHOT_FORMAT or shard_id != self.shard_id:
+            raise ValueError(f"snapshot of shard {shard_id} (format {form}), not {self.shard_id}")
+        if applied != snapshot.meta.index:
+            raise ValueError(f"snapshot data is at index {applied}, not {snapshot.meta.index}")
+        return [_triple(item) for item in data], [_triple(item) for item in idem]
+
+
+def _triple(item: Any) -> tuple[bytes, int, bytes]:
+    key, number, blob = item
+    if not (isinstance(key, bytes) and isinstance(number, int) and isinstance(blob, bytes)):
+        raise ValueError(f"malformed snapshot record {item!r:.100}")
+    return key, number, blob
+
+
+def _delete_range(cursor: lmdb.Cursor[bytes], prefix: bytes) -> None:
+    if not cursor.set_range(prefix):
+        return
+    while cursor.key().startswith(prefix) and cursor.delete():  # delete() moves to the next key
+        pass
+
+
+def _holds(op: CompareOp, left: int | bytes, right: int | bytes) -> bool:
+    if op is CompareOp.EQUAL:
+        return left == right
+    if op is CompareOp.NOT_EQUAL:
+        return left != right
+    if op is CompareOp.LESS:
+        return left < right  # type: ignore[operator]
+    return left > right  # type: ignore[operator]
+
+
+class _Batch:
+    """One apply() call's work in its transaction. Lives only as long as that call."""
+
+    def __init__(
+        self, machine: KVStateMachine, txn: lmdb.Transaction[bytes], key_count: int
+    ) -> None:
+        self.machine = machine
+        self.txn = txn
+        self.key_count = key_count  # written back to kv.meta at the end of the batch
+
+    def apply(self, entry: Entry) -> Outcome:
+        machine, index = self.machine, entry.index
+        try:
+            command = decode_command(entry.data)
+        except ValueError as exc:  # deterministic: every replica refuses the same bytes
+            return Failed(FAILED_INVALID, f"entry {index} holds no valid command: {exc}", 0)
+        idempotency_key = command.idempotency_key
+        if idempotency_key is not None:
+            recorded = machine._find_outcome(self.txn, idempotency_key, index)
+            if recorded is not None:
+                return recorded
+        outcome = self._execute(command, index)
+        if idempotency_key is not None:
+            machine._record_outcome(self.txn, idempotency_key, index, outcome)
+        return outcome
+
+    def _execute(self, command: Command, index: int) -> Outcome:
+        if isinstance(command, Put):
+            return self._put(command, index)
+        if isinstance(command, Delete):
+            return self._delete(command)
+        return self._txn(command, index)
+
+    def _put(self, command: Put, index: int) -> Outcome:
+        if command.if_version is not None:
+            current = self._version(command.key)
+            if current != command.if_version:
+                return _precondition_failed(command.key, current, command.if_version)
+        self._write(command.key, command.value, index)
+        return KeyVersion(command.key, index)
+
+    def _delete(self, command: Delete) -> Outcome:
+        key = command.key
+        current = self._version(key)
+        if current == 0:
+            return Failed(FAILED_NOT_FOUND, f"key {key!r} not found", 0)
+        if command.if_version is not None and current != command.if_version:
+            return _precondition_failed(key, current, command.if_version)
+        self._remove(key)
+        return KeyVersion(key, current)
+
+    def _txn(self, command: Txn, index: int) -> TxnResult:
+        request = command.request
+        succeeded = all(self._compare(compare) for compare in request.compare)
+        ops = request.success if succeeded else request.failure
+        return TxnResult(succeeded, tuple(self._txn_op(op, index) for op in ops))
+
+    def _compare(self, compare: TxnCompare) -> bool:
+        found = self.machine._lookup(self.txn, compare.key)
+        if compare.target is CompareTarget.VERSION:
+            return _holds(compare.op, 0 if found is None else found[0], compare.version)
+        if found is None:  # an absent value only differs from everything
+            return compare.op is CompareOp.NOT_EQUAL
+        return _holds(compare.op, found[1], compare.value)
+
+    def _txn_op(self, op: TxnOp, index: int) -> TxnOpResult:
+        if op.kind is TxnOpKind.PUT:
+            self._write(op.key, op.value, index)
+            return TxnOpResult(TxnOpKind.PUT, op.key, index)
+        if op.kind is TxnOpKind.DELETE:
+            current = self._version(op.key)
+            if current:
+                self._remove(op.key)
+            return TxnOpResult(TxnOpKind.DELETE, op.key, current)
+        found = self.machine._lookup(self.txn, op.key)
+        if found is None:
+            return TxnOpResult(TxnOpKind.GET, op.key, 0, None)
+        return TxnOpResult(TxnOpKind.GET, op.key, found[0], found[1])
+
+    def _version(self, key: str) -> int:
+        found = self.machine._lookup(self.txn, key)
+        return 0 if found is None else found[0]
+
+    def _write(self, key: str, value: bytes, index: int) -> None:
+        key_bytes = key.encode()
+        stored = _stored_key(self.machine._prefix, key_bytes)
+        if self.txn.replace(stored, _seal(key_bytes, index, value), db=self.machine._data) is None:
+            self.key_count += 1
+
+    def _remove(self, key: str) -> None:
+        stored = _stored_key(self.machine._prefix, key.encode())
+        if self.txn.delete(stored, db=self.machine._data):
+            self.key_count -= 1
+
+
+def _precondition_failed(key: str, current: int, expected: int) -> Failed:
+    message = f"key {key!r} is at version {current}, not {expected}"
+    return Failed(FAILED_PRECONDITION, message, current)

@@ -1,0 +1,143 @@
+"""A real KV cluster for tests: node processes started by kvctl's launcher on free loopback
+ports, stopped (by PID) when the test ends. Plain HTTP from the test, nothing mocked."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from cli import launcher
+from cli.cluster_file import ClusterRecord
+
+DEADLINE_S = 60.0
+
+
+class Response:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class KVCluster:
+    def __init__(self, data_dir: Path, nodes: int = 3, shards: int = 4, replication: int = 3):
+        self.data_dir = data_dir
+        result = launcher.start_cluster(
+            launcher.UpRequest(data_dir, nodes, shards, replication, base_port=None)
+        )
+        self.record: ClusterRecord = result.record
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()  # the fixture's cleanup never runs if construction fails
+            raise
+
+    # -- processes --
+    def wait_ready(self) -> None:
+        launcher.wait_until_ready(self.record, timeout_s=DEADLINE_S, on_progress=lambda _: None)
+
+    def pid(self, node_id: int) -> int:
+        pid = self.record.node(node_id).pid
+        assert pid is not None
+        return pid
+
+    def kill(self, node_id: int) -> None:
+        """SIGKILL: the node gets no chance to flush or say goodbye."""
+        pid = self.record.node(node_id).pid
+        if pid is None:
+            return
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+    def restart_dead(self) -> None:
+        self.record = launcher.start_cluster(
+            launcher.UpRequest(self.data_dir, None, None, None, base_port=None)
+        ).record
+
+    def stop(self) -> None:
+        launcher.stop_cluster(self.data_dir)
+
+    @property
+    def node_ids(self) -> list[int]:
+        return [node.id for node in self.record.nodes]
+
+    def url(self, node_id: int) -> str:
+        return self.record.node(node_id).client_url
+
+    # -- HTTP --
+    def request(
+        self,
+        node_id: int,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout_s: float = 10.0,
+    ) -> Response:
+        parts = urlsplit(self.url(node_id))
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return Response(response.status, dict(response.getheaders()), response.read())
+        finally:
+            connection.close()
+
+    def put(self, node_id: int, key: str, value: bytes, **params: Any) -> Response:
+        headers = {}
+        if "idempotency_key" in params:
+            headers["Idempotency-Key"] = params.pop("idempotency_key")
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        return self.request(
+            node_id,
+            "PUT",
+            f"/v1/kv/{quote(key, safe='')}" + (f"?{query}" if query else ""),
+            value,
+            headers,
+        )
+
+    def get(self, node_id: int, key: str, consistency: str = "linearizable") -> Response:
+        return self.request(
+            node_id, "GET", f"/v1/kv/{quote(key, safe='')}?consistency={consistency}"
+        )
+
+    def status(self, node_id: int) -> dict[str, Any]:
+        return self.request(node_id, "GET", "/v1/cluster").json()
+
+    def shard_leader(self, key_shard: int) -> int:
+        for node_id in self.node_ids:
+            try:
+                shards = self.status(node_id)["shards"]
+            except OSError:
+                continue
+            for shard in shards:
+                if shard["id"] == key_shard and shard["leader"]:
+                    return int(shard["leader"])
+        raise AssertionError(f"shard {key_shard} has no leader")
+
+
+def wait_for(what: str, condition: Callable[[], Any], deadline_s: float = DEADLINE_S) -> Any:
+    deadline = time.monotonic() + deadline_s
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = condition()
+            if result:
+                return result
+        except OSError as error:
+            last_error = error
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {deadline_s}s waiting for {what} ({last_error})")

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from raft.core.types import NodeId
-from raft.runtime.host import RaftHost
+from raft.runtime.host import FSYNC_BUCKETS_S, RaftHost
 from raft.runtime.transport import PeerStats
 
 
@@ -39,15 +44,16 @@ class RaftCollector(Collector):
         yield CounterMetricFamily(
             "kv_raft_proposals", "Proposals appended to a leader's log", value=metrics.proposals
         )
-        yield CounterMetricFamily(
-            "kv_raft_fsyncs",
-            "LMDB transactions (one fsync each) of the Raft loop",
-            value=metrics.fsyncs,
-        )
-        yield CounterMetricFamily(
+        cumulative, buckets = 0, []
+        bounds = (*FSYNC_BUCKETS_S, float("inf"))
+        for bound, count in zip(bounds, metrics.fsync_bucket_counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+        yield HistogramMetricFamily(
             "kv_raft_fsync_seconds",
-            "Time spent in those transactions",
-            value=metrics.fsync_seconds_total,
+            "Latency of the Raft loop's LMDB transactions (log + hard state + apply, one fsync)",
+            buckets=buckets,
+            sum_value=metrics.fsync_seconds_total,
         )
         yield CounterMetricFamily(
             "kv_raft_entries_persisted", "Log entries persisted", value=metrics.entries_persisted

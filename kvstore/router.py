@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from kvstore.commands import Delete, Failed, Put, Txn, encode_command
+from kvstore.commands import Delete, Failed, Put, Txn, decode_command, encode_command
 from kvstore.errors import (
     CrossShardTxn,
     InvalidRequest,
@@ -359,6 +359,10 @@ class Router:
         )
 
     async def serve_internal_propose(self, shard_id: int, command: bytes, hops: int) -> object:
+        try:
+            decode_command(command)  # refuse garbage before it takes a slot in the Raft log
+        except ValueError as error:
+            raise InvalidRequest(f"malformed command: {error}") from error
         return await self.propose(shard_id, command, RequestContext(hops=hops))
 
     # ------------------------------------------------------------------ leader finding

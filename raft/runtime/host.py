@@ -9,6 +9,7 @@ advance. Requests arriving during the fsync queue up and share the next one: gro
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import itertools
 import logging
@@ -95,11 +96,16 @@ class GroupStatus:
     learners: tuple[NodeId, ...]
 
 
+FSYNC_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
 @dataclass(slots=True)
 class HostMetrics:
     iterations: int = 0
     fsyncs: int = 0
     fsync_seconds_total: float = 0.0
+    # fsyncs per latency bucket (upper bounds FSYNC_BUCKETS_S, then +Inf), not cumulative
+    fsync_bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(FSYNC_BUCKETS_S) + 1))
     entries_persisted: int = 0
     entries_applied: int = 0
     proposals: int = 0
@@ -411,9 +417,11 @@ class RaftHost:
         await asyncio.get_running_loop().run_in_executor(
             self._executor, self._store.write, writes, apply_in if applying else None
         )
+        elapsed = time.perf_counter() - started
         metrics = self.metrics
         metrics.fsyncs += 1
-        metrics.fsync_seconds_total += time.perf_counter() - started
+        metrics.fsync_seconds_total += elapsed
+        metrics.fsync_bucket_counts[bisect.bisect_left(FSYNC_BUCKETS_S, elapsed)] += 1
         metrics.entries_persisted += sum(len(w.entries) for w in writes)
 
     def _resolve(self, step: _Step) -> None:

@@ -15,3 +15,13 @@ def kv_cluster(tmp_path: Path) -> Iterator[KVCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_kv_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KVCluster]:
+    """One cluster for a module of read-mostly tests that do not kill nodes."""
+    cluster = KVCluster(tmp_path_factory.mktemp("shared") / "cluster")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

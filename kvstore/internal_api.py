@@ -10,7 +10,7 @@ from aiohttp import web
 from kvstore.commands import Failed, encode_outcome
 from kvstore.errors import InvalidRequest, KVError
 from kvstore.http_api import error_response
-from kvstore.peer_client import HOPS_HEADER, LEADER_HEADER, NotLeaderHere
+from kvstore.peer_client import EPOCH_HEADER, HOPS_HEADER, LEADER_HEADER, NotLeaderHere
 from kvstore.router import Router
 from kvstore.service import Consistency, KeyVersion, TxnResult
 
@@ -31,6 +31,15 @@ def _int_param(request: web.Request, name: str) -> int:
     return int(raw)
 
 
+async def _check_epoch(request: web.Request, router: Router) -> None:
+    raw = request.headers.get(EPOCH_HEADER)
+    if raw is None:
+        return
+    if not raw.isdigit():
+        raise InvalidRequest(f"{EPOCH_HEADER} must be a non-negative integer")
+    await router.check_peer_epoch(int(raw))
+
+
 def _hops(request: web.Request) -> int:
     raw = request.headers.get(HOPS_HEADER, "0")
     if not raw.isdigit():
@@ -41,6 +50,7 @@ def _hops(request: web.Request) -> int:
 def add_internal_routes(app: web.Application, router: Router) -> None:
     async def propose(request: web.Request) -> web.Response:
         try:
+            await _check_epoch(request, router)
             outcome = await router.serve_internal_propose(
                 _int_param(request, "shard"), await request.read(), _hops(request)
             )
@@ -58,6 +68,7 @@ def add_internal_routes(app: web.Application, router: Router) -> None:
         except ValueError:
             return _error(InvalidRequest("consistency must be linearizable or stale"))
         try:
+            await _check_epoch(request, router)
             payload = await router.serve_internal_read(
                 _int_param(request, "shard"),
                 request.query.get("op", ""),

@@ -43,6 +43,16 @@ class MetaStateMachine:
             txn.put(_MAP_KEY, shard_map.encode())
         self._map = shard_map
 
+    def adopt(self, shard_map: ShardMap) -> bool:
+        """Cache a newer map learned from a peer (this node's copy was stale). Returns whether
+        it was newer. Deterministic apply is unaffected: Raft only ever moves the epoch up."""
+        if self._map is not None and shard_map.epoch <= self._map.epoch:
+            return False
+        with self._env.begin(write=True, db=self._db) as txn:
+            txn.put(_MAP_KEY, shard_map.encode())
+        self._map = shard_map
+        return True
+
     def applied_index(self) -> LogIndex:
         with self._env.begin(db=self._db) as txn:
             raw = txn.get(_APPLIED_KEY)

@@ -126,6 +126,13 @@ class PeerClient:
                 "the operation may or may not have been applied"
             ) from error
 
+    async def get_bytes(self, base_url: str, route: str, timeout_s: float) -> bytes:
+        async with self._client().get(
+            f"{base_url}/v1/internal/{route}", timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as response:
+            response.raise_for_status()
+            return await response.read()
+
     async def get_json(self, base_url: str, route: str, timeout_s: float) -> Any:
         async with self._client().get(
             f"{base_url}/v1/internal/{route}", timeout=aiohttp.ClientTimeout(total=timeout_s)

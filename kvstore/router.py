@@ -25,6 +25,7 @@ from kvstore.errors import (
     NotFound,
     OutcomeUnknown,
     ShardUnavailable,
+    StaleShardMap,
 )
 from kvstore.meta import MetaStateMachine
 from kvstore.peer_client import (
@@ -222,6 +223,41 @@ class Router:
             return False, f"groups without a known leader: {sorted(leaderless)}"
         return True, "every local shard replica knows its leader"
 
+    # ------------------------------------------------------------------ shard map freshness
+    async def check_peer_epoch(self, peer_epoch: int) -> None:
+        """A peer forwarded a request made with shard map `peer_epoch`: tell it if it is behind
+        us (it refreshes and retries), or catch up ourselves if it is ahead."""
+        ours = self.shard_map.epoch
+        if peer_epoch < ours:
+            raise StaleShardMap(
+                f"the request used shard map epoch {peer_epoch}; node {self.node_id} has {ours}"
+            )
+        if peer_epoch > ours:
+            await self.refresh_map()
+
+    async def refresh_map(self) -> bool:
+        """Fetch the shard map from the metadata group's members; adopt the newest. Returns
+        whether ours changed."""
+        shard_map = self.shard_map
+        urls = [
+            shard_map.node(voter).client_url
+            for voter in shard_map.meta_voters
+            if voter != self.node_id
+        ]
+
+        async def fetch(url: str) -> ShardMap | None:
+            try:
+                return ShardMap.decode(await self._peers.get_bytes(url, "shard-map", 2.0))
+            except Exception:  # an unreachable member is skipped; others may answer
+                return None
+
+        found = [m for m in await asyncio.gather(*(fetch(url) for url in urls)) if m]
+        newest = max(found, key=lambda m: m.epoch, default=None)
+        changed = newest is not None and self._meta.adopt(newest)
+        if changed:
+            log.info("node %d adopted shard map epoch %d", self.node_id, self.shard_map.epoch)
+        return changed
+
     # ------------------------------------------------------------------ local status
     def local_status(self) -> dict[str, Any]:
         groups = {}
@@ -411,6 +447,10 @@ class Router:
                     except PeerUnreachable:
                         hint = NO_NODE
                         last_problem = f"node {target} is unreachable"
+                    except StaleShardMap:
+                        await self.refresh_map()  # then retry with the fresh replicas
+                        shard = self.shard_map.shard(shard.id)
+                        last_problem = "our shard map was stale"
                     except ShardUnavailable as error:
                         last_problem = error.message
                     except OutcomeUnknown:

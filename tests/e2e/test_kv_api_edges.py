@@ -66,3 +66,16 @@ def test_bad_input_gets_a_4xx_json_error(
     error = response.json()["error"]
     assert error["code"]
     assert error["message"]
+
+
+def test_a_peer_with_an_older_shard_map_is_told_to_refresh(shared_kv_cluster: KVCluster):
+    query = b"\xa5key-1"  # msgpack str "key-1"
+    path = "/v1/internal/read?shard=1&op=get"
+    stale = shared_kv_cluster.request(1, "POST", path, query, {"X-KV-Map-Epoch": "0"})
+    assert stale.status == 409
+    assert stale.json()["error"]["code"] == "stale_shard_map"
+    # A peer claiming a newer map makes this node look for it (none is newer), then serve.
+    ahead = shared_kv_cluster.request(1, "POST", path, query, {"X-KV-Map-Epoch": "99"})
+    assert ahead.status in (200, 503)
+    current = shared_kv_cluster.request(1, "POST", path, query, {"X-KV-Map-Epoch": "1"})
+    assert current.status in (200, 503)

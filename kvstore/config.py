@@ -32,7 +32,13 @@ class NodeConfig:
     election_timeout_ticks: int = 10
     request_timeout_s: float = 5.0
     fsync: bool = True
-    unsafe_test_faults: bool = False  # allows test-only fault switches; never in production
+    # How this node reaches a peer, when not by the shard map's addresses: jepsen_like routes
+    # every link through a proxy it controls, to cut traffic for partitions.
+    peer_address_overrides: dict[NodeId, tuple[str, int]] = field(default_factory=dict)
+    client_url_overrides: dict[NodeId, str] = field(default_factory=dict)
+    # Test-only fault: linearizable reads served by any replica without ReadIndex. Refused
+    # unless the process was started with --unsafe-test-faults.
+    unsafe_stale_reads: bool = False
 
 
 def parse_address(text: str, what: str) -> tuple[str, int]:
@@ -117,10 +123,25 @@ def load_config(argv: list[str] | None = None) -> NodeConfig:
             election_timeout_ticks=int(raft_raw.get("election_timeout_ticks", 10)),
             request_timeout_s=float(raw.get("request_timeout_s", 5.0)),
             fsync=bool(raw.get("fsync", True)),
-            unsafe_test_faults=args.unsafe_test_faults,
+            peer_address_overrides={
+                NodeId(int(node)): parse_address(str(route["peer_address"]), "routes.peer_address")
+                for node, route in raw.get("routes", {}).items()
+                if "peer_address" in route
+            },
+            client_url_overrides={
+                NodeId(int(node)): str(route["client_url"]).rstrip("/")
+                for node, route in raw.get("routes", {}).items()
+                if "client_url" in route
+            },
+            unsafe_stale_reads=bool(raw.get("unsafe", {}).get("stale_reads", False)),
         )
     except (TypeError, ValueError) as error:
         raise ConfigError(f"invalid setting: {error}") from error
+    if config.unsafe_stale_reads and not args.unsafe_test_faults:
+        raise ConfigError(
+            "[unsafe] stale_reads makes reads non-linearizable and exists only to prove the "
+            "test harness can catch it; refusing to start without --unsafe-test-faults"
+        )
     if not config.initial_nodes:
         raise ConfigError("the config needs the initial cluster: one [[cluster.nodes]] per node")
     if config.node_id not in {node.id for node in config.initial_nodes}:

@@ -50,7 +50,11 @@ class KVNode:
             self.shards,
             config.limits,
             config.request_timeout_s,
+            client_url_overrides=config.client_url_overrides,
+            unsafe_stale_reads=config.unsafe_stale_reads,
         )
+        if config.unsafe_stale_reads:
+            log.warning("UNSAFE TEST FAULT ON: linearizable reads skip ReadIndex on any replica")
         self.registry = prometheus_client.CollectorRegistry()
         self.transport: TcpTransport | None = None
         self.registry.register(
@@ -82,7 +86,11 @@ class KVNode:
     async def start(self) -> None:
         shard_map = self._start_groups()
         config = self.config
-        peers = {n.id: n.peer_address for n in shard_map.nodes if n.id != config.node_id}
+        peers = {
+            n.id: config.peer_address_overrides.get(n.id, n.peer_address)
+            for n in shard_map.nodes
+            if n.id != config.node_id
+        }
         self.transport = TcpTransport(config.node_id, config.peer_listen, peers, self.host.receive)
         await self.transport.start()
         await self.host.start(self.transport)

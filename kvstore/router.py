@@ -68,6 +68,9 @@ class Router:
         shards: dict[int, KVStateMachine],
         limits: Limits,
         request_timeout_s: float,
+        *,
+        client_url_overrides: dict[NodeId, str] | None = None,
+        unsafe_stale_reads: bool = False,
     ) -> None:
         self.node_id = node_id
         self.limits = limits
@@ -76,7 +79,8 @@ class Router:
         self._shards = shards  # local replicas' state machines, by shard id
         self._timeout_s = request_timeout_s
         self._peers = PeerClient(request_timeout_s)
-        self.unsafe_stale_linearizable_reads = False  # test-only fault (jepsen_like broken mode)
+        self._client_url_overrides = client_url_overrides or {}
+        self._unsafe_stale_reads = unsafe_stale_reads  # test-only fault (jepsen_like broken mode)
 
     async def close(self) -> None:
         await self._peers.close()
@@ -160,17 +164,17 @@ class Router:
     async def cluster_status(self) -> dict[str, Any]:
         shard_map = self.shard_map
 
-        async def node_status(node_id: NodeId, url: str) -> tuple[NodeId, dict[str, Any] | None]:
+        async def node_status(node_id: NodeId) -> tuple[NodeId, dict[str, Any] | None]:
             if node_id == self.node_id:
                 return node_id, self.local_status()
             try:
-                return node_id, await self._peers.get_json(url, "status", timeout_s=1.0)
+                return node_id, await self._peers.get_json(
+                    self._url_of(node_id), "status", timeout_s=1.0
+                )
             except Exception:
                 return node_id, None
 
-        answers = dict(
-            await asyncio.gather(*(node_status(n.id, n.client_url) for n in shard_map.nodes))
-        )
+        answers = dict(await asyncio.gather(*(node_status(n.id) for n in shard_map.nodes)))
         shards = []
         healthy = True
         for shard in shard_map.shards:
@@ -223,6 +227,11 @@ class Router:
             return False, f"groups without a known leader: {sorted(leaderless)}"
         return True, "every local shard replica knows its leader"
 
+    def _url_of(self, node_id: NodeId) -> str:
+        """How this node reaches a peer's HTTP API (through a test proxy when configured)."""
+        override = self._client_url_overrides.get(node_id)
+        return override if override else self.shard_map.node(node_id).client_url
+
     # ------------------------------------------------------------------ shard map freshness
     async def check_peer_epoch(self, peer_epoch: int) -> None:
         """A peer forwarded a request made with shard map `peer_epoch`: tell it if it is behind
@@ -239,11 +248,7 @@ class Router:
         """Fetch the shard map from the metadata group's members; adopt the newest. Returns
         whether ours changed."""
         shard_map = self.shard_map
-        urls = [
-            shard_map.node(voter).client_url
-            for voter in shard_map.meta_voters
-            if voter != self.node_id
-        ]
+        urls = [self._url_of(voter) for voter in shard_map.meta_voters if voter != self.node_id]
 
         async def fetch(url: str) -> ShardMap | None:
             try:
@@ -321,7 +326,8 @@ class Router:
         query: bytes,
         decode: Callable[[bytes], T],
     ) -> T:
-        if consistency is Consistency.STALE and shard.id in self._shards:
+        local_ok = consistency is Consistency.STALE or self._unsafe_stale_reads
+        if local_ok and shard.id in self._shards:
             return decode(self.read_here(shard.id, op, query))
         return await self._on_leader(
             shard,
@@ -337,8 +343,7 @@ class Router:
     async def _read_here_linearizable(
         self, shard_id: int, op: str, query: bytes, decode: Callable[[bytes], T]
     ) -> T:
-        if not self.unsafe_stale_linearizable_reads:
-            await self._host.read_barrier(shard_id)  # §6.4 ReadIndex
+        await self._host.read_barrier(shard_id)  # §6.4 ReadIndex
         return decode(self.read_here(shard_id, op, query))
 
     def read_here(self, shard_id: int, op: str, query: bytes) -> bytes:
@@ -381,7 +386,8 @@ class Router:
     ) -> bytes:
         """A read forwarded by a peer: serve it here or pass it on towards the leader."""
         shard = self.shard_map.shard(shard_id)
-        if consistency is Consistency.STALE and shard_id in self._shards:
+        local_ok = consistency is Consistency.STALE or self._unsafe_stale_reads
+        if local_ok and shard_id in self._shards:
             return self.read_here(shard_id, op, query)
         return await self._on_leader(
             shard,
@@ -438,7 +444,7 @@ class Router:
             else:
                 target = self._pick_target(shard, hint, local, attempt)
                 if target != NO_NODE and ctx.hops < MAX_HOPS:
-                    url = self.shard_map.node(target).client_url
+                    url = self._url_of(target)
                     try:
                         return await remote(url, ctx.hops + 1, remaining)
                     except NotLeaderHere as error:

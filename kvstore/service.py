@@ -21,6 +21,14 @@ class Limits:
     default_scan_limit: int = 1000
     max_txn_ops: int = 128
 
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"limits.{name} must be a positive integer, got {value!r}")
+        if self.default_scan_limit > self.max_scan_limit:
+            raise ValueError("limits.default_scan_limit must not exceed limits.max_scan_limit")
+
 
 @dataclass(frozen=True, slots=True)
 class KeyVersion:

@@ -23,10 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvloop
     except ImportError:  # optional: asyncio's own loop works, a little slower
-        asyncio.run(serve(config))
-    else:
-        uvloop.run(serve(config))
-    return 0
+        return asyncio.run(serve(config))
+    return uvloop.run(serve(config))
 
 
 if __name__ == "__main__":

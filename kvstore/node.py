@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 
 import prometheus_client
 from aiohttp import web
@@ -119,15 +120,24 @@ class KVNode:
         self.store.close()
 
 
-async def serve(config: NodeConfig) -> None:
+async def serve(config: NodeConfig) -> int:
+    """Run until SIGTERM/SIGINT (exit 0) or until the Raft loop fails (exit 1): a node whose
+    storage failed stops rather than answering every request with a timeout."""
     node = KVNode(config)
     await node.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    import signal
-
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"node {config.node_id} ready", flush=True)
-    await stop.wait()
+    stopped = asyncio.create_task(stop.wait())
+    failed = asyncio.create_task(node.host.wait_failed())
+    done, _ = await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (stopped, failed):
+        task.cancel()
+    exit_code = 0
+    if failed in done:
+        log.critical("node %d stops: %s", config.node_id, failed.result())
+        exit_code = 1
     await node.stop()
+    return exit_code

@@ -199,11 +199,24 @@ class RaftHost:
         for task in (self._ticker, self._task):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                # A loop that already failed re-raises its error here; it was logged then.
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         for group in self._groups.values():
             self._fail_all(group, NotLeader())
         self._executor.shutdown(wait=True)
+
+    async def wait_failed(self) -> BaseException:
+        """Returns the error that stopped the Raft loop (a storage failure or a broken
+        invariant); never returns while it runs. The process should exit then."""
+        assert self._task is not None, "start() first"
+        try:
+            await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:
+            return error
+        return RuntimeError("the raft loop ended")
 
     def receive(self, sender: NodeId, items: list[tuple[int, Message]]) -> None:
         """Transport callback: messages for any of our groups, from one peer node."""

@@ -352,7 +352,11 @@ class Router:
         if machine is None:
             raise NotLeaderHere(f"no replica of shard {shard_id} on node {self.node_id}")
         if op == "get":
-            found = machine.get(query.decode())
+            try:
+                key = query.decode()
+            except UnicodeDecodeError as error:
+                raise InvalidRequest("a key must be UTF-8") from error
+            found = machine.get(key)
             return encode_key_values([found] if found else [])
         if op == "scan":
             prefix, start, end, after, limit = _decode_scan_query(query)

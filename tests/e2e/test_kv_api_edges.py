@@ -56,6 +56,7 @@ def test_metrics_health_and_ready_describe_the_node(shared_kv_cluster: KVCluster
         ("POST", "/v1/internal/propose?shard=1", b"\xc1garbage", {}, 400),
         ("POST", "/v1/internal/propose?shard=x", b"", {}, 400),
         ("POST", "/v1/internal/read?shard=1&op=scan", b"\x93\x01\x02\x03", {}, 400),
+        ("POST", "/v1/internal/read?shard=1&op=get&consistency=stale", b"\xff\xfe", {}, 400),
     ],
 )
 def test_bad_input_gets_a_4xx_json_error(
@@ -69,7 +70,7 @@ def test_bad_input_gets_a_4xx_json_error(
 
 
 def test_a_peer_with_an_older_shard_map_is_told_to_refresh(shared_kv_cluster: KVCluster):
-    query = b"\xa5key-1"  # msgpack str "key-1"
+    query = b"key-1"  # an internal get carries the key's UTF-8 bytes
     path = "/v1/internal/read?shard=1&op=get"
     stale = shared_kv_cluster.request(1, "POST", path, query, {"X-KV-Map-Epoch": "0"})
     assert stale.status == 409

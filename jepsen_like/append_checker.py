@@ -13,7 +13,7 @@ garbage reads, incompatible orders and internal inconsistency.
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,46 +77,36 @@ def check_append(history: History | Iterable[Operation], *, realtime: bool = Tru
     reads: dict[str, list[tuple[_Txn, list[Any]]]] = {}  # key -> (reader, full list read)
     for txn in ok:
         _internal_reads(txn, report)
-        for micro in txn.micro_ops:
-            if micro[0] != "r":
-                continue
-            key, values = micro[1], micro[2]
-            if values is None:
-                continue
-            reads.setdefault(key, []).append((txn, values))
-            if len(set(map(_hashable, values))) != len(values):
-                report("duplicate-elements", {"txn": _txn_record(txn), "key": key, "read": values})
-            for value in values:
-                source = writer.get((key, value))
-                if source is None:
-                    report("garbage-read", {"txn": _txn_record(txn), "key": key, "value": value})
-                elif source.operation.kind == "fail":
-                    report(
-                        "G1a",
-                        {
-                            "reader": _txn_record(txn),
-                            "writer": _txn_record(source),
-                            "key": key,
-                            "value": value,
-                        },
-                    )
-                elif source.operation.kind == "info":
-                    committed.add(source.number)
+        for kind, key, values in txn.micro_ops:
+            if kind == "r" and values is not None:
+                reads.setdefault(key, []).append((txn, values))
 
     orders: dict[str, list[Any]] = {}
     for key, observed in reads.items():
-        longest = max((values for _, values in observed), key=len)
-        compatible = True
+        longest_reader, longest = max(observed, key=lambda read: len(read[1]))
+        # Reads that are prefixes of the longest hold no element it lacks: check its elements
+        # once, and separately only those of a read that is not a prefix.
+        unusual = [(longest_reader, longest)]
         for reader, values in observed:
             if values != longest[: len(values)]:
-                compatible = False
+                unusual.append((reader, values))
+                pairs = zip(values, longest, strict=False)
+                at = next(i for i, (a, b) in enumerate(pairs) if a != b)
                 report(
                     "incompatible-order",
-                    {"key": key, "read": values, "by": _txn_record(reader), "longest": longest},
+                    {
+                        "key": key,
+                        "by": _txn_record(reader),
+                        "longest_by": _txn_record(longest_reader),
+                        "position": at,
+                        "read_there": values[max(0, at - 2) : at + 3],
+                        "longest_there": longest[max(0, at - 2) : at + 3],
+                    },
                 )
-                break
-        if compatible:
+        if len(unusual) == 1:
             orders[key] = longest
+        for reader, values in unusual:
+            _check_elements(reader, key, values, writer, committed, report)
 
     _intermediate_and_lost_updates(ok, writer, report)
     graph = _dependencies(txns, committed, orders, writer, realtime)
@@ -155,6 +145,8 @@ def _parse(number: int, operation: Operation, origin: int | None) -> _Txn:
             )
         if micro[0] == "r" and micro[2] is not None and not isinstance(micro[2], list):
             raise ValueError(f"op #{operation.invoke.index}: read {micro!r} must give a list")
+        if micro[0] == "append" and isinstance(micro[2], list | dict):
+            raise ValueError(f"op #{operation.invoke.index}: append {micro!r}: values are scalars")
         micro_ops.append(list(micro))
     txn = _Txn(number, operation, micro_ops, origin)
     for kind, key, value in micro_ops:
@@ -163,8 +155,40 @@ def _parse(number: int, operation: Operation, origin: int | None) -> _Txn:
     return txn
 
 
-def _hashable(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
+def _check_elements(
+    reader: _Txn,
+    key: str,
+    values: list[Any],
+    writer: dict[tuple[str, Any], _Txn],
+    committed: set[int],
+    report: Any,
+) -> None:
+    """Duplicates, values nobody appended, values of failed txns; info txns read become
+    committed."""
+    if any(isinstance(value, list | dict) for value in values):
+        raise ValueError(f"{reader.name} read {key!r} as a list of lists: values must be scalars")
+    if len(set(values)) != len(values):
+        twice = [value for value, n in Counter(values).items() if n > 1]
+        report(
+            "duplicate-elements",
+            {"txn": _txn_record(reader), "key": key, "length": len(values), "twice": twice[:5]},
+        )
+    for value in values:
+        source = writer.get((key, value))
+        if source is None:
+            report("garbage-read", {"txn": _txn_record(reader), "key": key, "value": value})
+        elif source.operation.kind == "fail":
+            report(
+                "G1a",
+                {
+                    "reader": _txn_record(reader),
+                    "writer": _txn_record(source),
+                    "key": key,
+                    "value": value,
+                },
+            )
+        elif source.operation.kind == "info":
+            committed.add(source.number)
 
 
 def _internal_reads(txn: _Txn, report: Any) -> None:
@@ -180,7 +204,12 @@ def _internal_reads(txn: _Txn, report: Any) -> None:
         if mine and value[-len(mine) :] != mine:
             report(
                 "internal",
-                {"txn": _txn_record(txn), "key": key, "read": value, "expected_suffix": mine},
+                {
+                    "txn": _txn_record(txn),
+                    "key": key,
+                    "read_ending": value[-len(mine) - 2 :],
+                    "expected_ending": mine,
+                },
             )
             continue
         external = value[: len(value) - len(mine)]
@@ -188,7 +217,12 @@ def _internal_reads(txn: _Txn, report: Any) -> None:
         if earlier != external:
             report(
                 "internal",
-                {"txn": _txn_record(txn), "key": key, "read": value, "earlier": earlier},
+                {
+                    "txn": _txn_record(txn),
+                    "key": key,
+                    "read_length": len(external),
+                    "earlier_read_length": len(earlier),
+                },
             )
 
 
@@ -208,13 +242,17 @@ def _intermediate_and_lost_updates(ok: list[_Txn], writer: dict[Any, _Txn], repo
                     },
                 )
             if key in txn.appends:
-                version = tuple(map(_hashable, external))
-                read_then_appended.setdefault((key, version), []).append(txn)
+                read_then_appended.setdefault((key, tuple(external)), []).append(txn)
     for (key, version), group in read_then_appended.items():
         if len(group) > 1:
             report(
                 "lost-update",
-                {"key": key, "read": list(version), "txns": [_txn_record(t) for t in group]},
+                {
+                    "key": key,
+                    "read_length": len(version),
+                    "read_ending": list(version[-3:]),
+                    "txns": [_txn_record(t) for t in group],
+                },
             )
 
 

@@ -144,7 +144,14 @@ _RESULTLESS = frozenset({"write", "cas", "add"})  # their ok result says nothing
 _ARGUMENT_IN_RESULT = frozenset({"txn"})  # the completed micro-ops repeat the invoked ones
 
 
-def _json(value: Any) -> str:
+def _json(value: Any, longest: int = 8) -> str:
+    """Compact JSON, with long lists cut in the middle: [1,2,3,…(+95),99,100]."""
+    if isinstance(value, list | tuple):
+        if len(value) <= longest:
+            return "[" + ",".join(_json(item, longest) for item in value) + "]"
+        head = [_json(item, longest) for item in value[:3]]
+        tail = [_json(item, longest) for item in value[-2:]]
+        return "[" + ",".join([*head, f"…(+{len(value) - 5})", *tail]) + "]"
     return json.dumps(value, default=str, separators=(",", ":"))
 
 

@@ -19,7 +19,7 @@ from jepsen_like.cluster import TestCluster
 from jepsen_like.history import History, Op
 from jepsen_like.nemesis import Nemesis, plan_faults
 from jepsen_like.result import CheckResult
-from jepsen_like.workloads import WORKLOADS, HttpClient, Invocation, Workload
+from jepsen_like.workloads import WORKLOADS, HttpClient, Invocation, Workload, new_session
 
 FINAL_READ_DEADLINE_S = 60.0
 
@@ -57,7 +57,15 @@ class _Clients:
         self.next_process = 0
         self.lock = asyncio.Lock()
 
-    def _record(self, process: int, kind: str, op: Invocation, value: Any, node: int) -> None:
+    def _record(
+        self,
+        process: int,
+        kind: str,
+        op: Invocation,
+        value: Any,
+        node: int,
+        error: str | None = None,
+    ) -> None:
         self.history.append(
             Op(
                 process=process,
@@ -68,6 +76,7 @@ class _Clients:
                 time_ns=time.monotonic_ns(),
                 node=node,
                 index=len(self.history),
+                error=error,
             )
         )
 
@@ -76,7 +85,7 @@ class _Clients:
         client = HttpClient(session, self.cluster.client_url(node))
         self._record(process, "invoke", op, op.value, node)
         completion = await self.workload.invoke(client, op)
-        self._record(process, completion.kind, op, completion.value, node)
+        self._record(process, completion.kind, op, completion.value, node, completion.error)
         return completion.kind
 
     async def worker(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
@@ -137,7 +146,7 @@ async def run_test(config: RunConfig) -> RunResult:
         unsafe_stale_reads=config.broken == "stale-reads",
     ) as cluster:
         cluster.start()
-        async with aiohttp.ClientSession() as session:
+        async with new_session() as session:
             status = await HttpClient(session, cluster.client_url(cluster.node_ids[0]))._call(
                 "GET", "/v1/cluster"
             )

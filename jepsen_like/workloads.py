@@ -44,6 +44,29 @@ class Refused(Exception):
     """The store definitely did not apply the request."""
 
 
+class _Sent:
+    """Per-request flag: did any attempt put the request on the wire?"""
+
+    def __init__(self) -> None:
+        self.headers_sent = False
+
+
+async def _on_headers_sent(session: Any, context: Any, params: Any) -> None:
+    context.trace_request_ctx.headers_sent = True
+
+
+def new_session() -> aiohttp.ClientSession:
+    """A client session that can tell "never sent" from "maybe applied".
+
+    aiohttp silently retries an idempotent request (PUT, DELETE, GET) once when its connection
+    breaks; if the node died, the retry's "cannot connect" error hides that the first attempt
+    was delivered (and may have applied). Tracing when headers go out tells them apart.
+    """
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(_on_headers_sent)
+    return aiohttp.ClientSession(trace_configs=[trace])
+
+
 class HttpClient:
     """One client's view of the store: JSON/bytes over HTTP to one node at a time."""
 
@@ -54,15 +77,19 @@ class HttpClient:
     async def _call(
         self, method: str, path: str, body: bytes | None = None
     ) -> tuple[int, dict[str, str], bytes]:
+        sent = _Sent()
         try:
             async with self.session.request(
                 method,
                 self.base_url + path,
                 data=body,
                 timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
+                trace_request_ctx=sent,
             ) as response:
                 return response.status, dict(response.headers), await response.read()
         except (aiohttp.ClientConnectorError, ConnectionRefusedError) as error:
+            if sent.headers_sent:  # an earlier attempt reached the node: maybe applied
+                raise Unknown(f"connect after sending: {error}") from error
             raise Refused(f"connect: {error}") from error  # never reached the node
         except (TimeoutError, aiohttp.ClientError) as error:
             raise Unknown(type(error).__name__) from error

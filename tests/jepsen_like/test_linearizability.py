@@ -377,3 +377,80 @@ def test_witness_operations_belong_to_the_reported_key(seed):
     assert witness["key"] == read.key
     assert witness["linearized_ops"] <= witness["searched_ops"]
     assert all(op["text"].count(f" on {witness['key']} ") == 1 for op in witness["prefix_tail"])
+
+
+# ---- agreement with plain WGL on medium histories -----------------------------------------
+
+
+def _plain_wgl(history: History) -> bool:
+    """Porcupine's treatment, none of our pruning: every info operation is linearized at some
+    point after its invocation (its return is at infinity); an info write has its effect, an
+    info cas its effect or none. Memoized on (linearized set, state)."""
+    operations = [o for o in history.pairs() if o.kind != "fail"]
+    operations = [o for o in operations if not (o.kind == "info" and o.f == "read")]
+    events = sorted(
+        [(o.invoke_ns, 0, i) for i, o in enumerate(operations)]
+        + [
+            (o.complete_ns if o.kind == "ok" else float("inf"), 1, i)
+            for i, o in enumerate(operations)
+        ]
+    )
+
+    def next_states(state, operation):
+        if operation.f == "read":
+            return [state] if operation.output == state else []
+        if operation.f == "write":
+            return [operation.input]
+        expected, new = operation.input
+        if operation.kind == "ok":
+            return [new] if state == expected else []
+        return [new] if state == expected else [state]
+
+    seen = set()
+
+    def search(linearized: int, state) -> bool:
+        pending = [(kind, i) for _, kind, i in events if not linearized >> i & 1]
+        if not pending:
+            return True
+        for kind, i in pending:
+            if kind == 1:
+                return False
+            for new_state in next_states(state, operations[i]):
+                configuration = (linearized | 1 << i, new_state)
+                if configuration not in seen:
+                    seen.add(configuration)
+                    if search(*configuration):
+                        return True
+        return False
+
+    return search(0, None)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seed=st.integers(0, 2**32),
+    processes=st.integers(2, 5),
+    ops=st.integers(10, 40),
+    mutate=st.booleans(),
+)
+def test_the_search_agrees_with_plain_wgl_on_info_heavy_histories(seed, processes, ops, mutate):
+    history = linearizable_history(
+        seed, processes=processes, keys=1, ops=ops, info_rate=0.2, values=3
+    )
+    rng = random.Random(seed)
+    reads = [op for op in history if op.kind == "ok" and op.f == "read"]
+    if mutate and reads:
+        chosen = rng.choice(reads)
+        history = History(
+            Op(
+                process=op.process,
+                kind=op.kind,
+                f=op.f,
+                key=op.key,
+                value=rng.choice([None, 0, 1, 2]) if op is chosen else op.value,
+                time_ns=op.time_ns,
+                index=op.index,
+            )
+            for op in history
+        )
+    assert check_linearizable(history).valid is _plain_wgl(history)

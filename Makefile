@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-slow check sim bench clean
+.PHONY: run test test-slow check sim bench jepsen clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,10 @@ check: $(STAMP)
 
 sim: $(STAMP)
 	$(BIN)/python -m raft.sim --seeds 2000 --start-seed 1
+
+jepsen: $(STAMP)
+	$(BIN)/python -m jepsen_like run --workload register --nemesis kill,pause,partition \
+		--time 60 --nodes 5 --shards 4 --concurrency 10 --seed 1 --out runs/jepsen
 
 bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/raft_bench.py

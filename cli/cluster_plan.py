@@ -38,6 +38,10 @@ class PlannedNode:
     def config_path(self) -> Path:
         return self.data_dir / "node.toml"
 
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "node.log"
+
 
 def plan_nodes(count: int, data_dir: Path, base_port: int | None) -> list[PlannedNode]:
     """Node ids 1..count, each in data_dir/node{id}, on loopback ports that are free right now."""
@@ -92,11 +96,16 @@ def is_port_free(port: int) -> bool:
 
 
 def node_toml(
-    node: PlannedNode, cluster: Sequence[PlannedNode], *, shards: int, replication: int
+    node: PlannedNode,
+    cluster: Sequence[PlannedNode],
+    *,
+    shards: int,
+    replication: int,
+    written_by: str = "`kvctl cluster up`",
 ) -> str:
     """The config one node reads; the [cluster] part is identical in every node's file."""
     lines = [
-        "# Written by `kvctl cluster up`. The [cluster] section must match in every node's file.",
+        f"# Written by {written_by}. The [cluster] section must match in every node's file.",
         f"node_id = {node.id}",
         f"data_dir = {toml_string(str(node.data_dir))}",
         f"client_listen = {toml_string(node.client_listen)}  # HTTP API",

@@ -18,12 +18,11 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from cli.cluster_plan import free_ports, toml_string
+from cli.cluster_plan import PlannedNode, free_ports, node_toml, toml_string
 from jepsen_like.proxy import KINDS, Address, LinkProxy, Pair
 
 HOST: Final = "127.0.0.1"
@@ -38,28 +37,7 @@ class ClusterError(RuntimeError):
     """The cluster did not start, or did not become healthy in time; the message has log tails."""
 
 
-@dataclass(frozen=True, slots=True)
-class NodeSpec:
-    id: int
-    client_port: int
-    peer_port: int
-    data_dir: Path
-
-    @property
-    def client_url(self) -> str:
-        return f"http://{HOST}:{self.client_port}"
-
-    @property
-    def peer_address(self) -> str:
-        return f"{HOST}:{self.peer_port}"
-
-    @property
-    def config_path(self) -> Path:
-        return self.data_dir / "node.toml"
-
-    @property
-    def log_path(self) -> Path:
-        return self.data_dir / "node.log"
+NodeSpec = PlannedNode  # one node's ports and directory, as kvctl's launcher plans them
 
 
 def node_config_text(
@@ -71,27 +49,13 @@ def node_config_text(
     replication: int,
     unsafe_stale_reads: bool,
 ) -> str:
-    """node.toml (docs/operations.md) with a [routes.N] per peer: how this node reaches N through
-    the proxy. [[cluster.nodes]] keeps the real addresses, identical in every file."""
+    """kvctl's node.toml plus a [routes.N] per peer: how this node reaches N through the proxy.
+    [[cluster.nodes]] keeps the real addresses, identical in every file."""
     lines = [
-        "# Written by jepsen_like.cluster: peers are reached through the link proxy.",
-        f"node_id = {node.id}",
-        f"data_dir = {toml_string(str(node.data_dir))}",
-        f'client_listen = "{HOST}:{node.client_port}"',
-        f"peer_listen = {toml_string(node.peer_address)}",
-        "",
-        "[cluster]",
-        f"shards = {shards}",
-        f"replication = {replication}",
+        node_toml(
+            node, nodes, shards=shards, replication=replication, written_by="jepsen_like"
+        ).rstrip("\n")
     ]
-    for member in nodes:
-        lines += [
-            "",
-            "[[cluster.nodes]]",
-            f"id = {member.id}",
-            f"client_url = {toml_string(member.client_url)}",
-            f"peer_address = {toml_string(member.peer_address)}",
-        ]
     for peer, via in sorted(routes.items()):
         raft_host, raft_port = via["raft"]
         http_host, http_port = via["http"]

@@ -120,6 +120,7 @@ class _Group:
     # Proposals in the log, waiting for their index to be applied: index -> (term, future)
     waiting: dict[LogIndex, tuple[Term, asyncio.Future[object]]] = field(default_factory=dict)
     queued: list[tuple[bytes | ConfChange, asyncio.Future[object]]] = field(default_factory=list)
+    reads_new: dict[bytes, asyncio.Future[None]] = field(default_factory=dict)  # not yet asked
     reads: dict[bytes, asyncio.Future[None]] = field(default_factory=dict)  # ReadIndex asked
     reads_to_apply: list[tuple[LogIndex, asyncio.Future[None]]] = field(default_factory=list)
     snapshot_index: LogIndex = LogIndex(0)
@@ -278,7 +279,7 @@ class RaftHost:
             raise NotLeader(group.node.leader_id)
         context = next(self._read_ids).to_bytes(8, "big")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        group.reads[context] = future
+        group.reads_new[context] = future
         self._wake.set()
         await future
 
@@ -362,7 +363,7 @@ class RaftHost:
         for group in self._groups.values():
             if group.queued:
                 self._propose_queued(group)
-            if group.reads:
+            if group.reads_new:
                 self._start_reads(group)
             self._fail_reads_if_not_leader(group)
 
@@ -384,25 +385,29 @@ class RaftHost:
             group.waiting[index] = (term, future)
 
     def _start_reads(self, group: _Group) -> None:
-        reads = group.reads
-        for context, future in list(reads.items()):
+        """Hand each new read to the core once; its ReadState resolves it later."""
+        new, group.reads_new = group.reads_new, {}
+        for context, future in new.items():
             if future.done():
-                del reads[context]
                 continue
             try:
                 group.node.read_index(context)
             except NotLeader as error:
-                del reads[context]
                 future.set_exception(error)
+                continue
+            group.reads[context] = future
 
     def _fail_reads_if_not_leader(self, group: _Group) -> None:
-        if group.node.is_leader or not (group.reads or group.reads_to_apply):
+        # A read the core accepted but never confirmed dies with the leadership (the core
+        # drops it too); a confirmed one (reads_to_apply) is still linearizable and is served.
+        if group.node.is_leader or not (group.reads or group.reads_new):
             return
         error = NotLeader(group.node.leader_id)
-        for future in list(group.reads.values()):
+        for future in [*group.reads.values(), *group.reads_new.values()]:
             if not future.done():
                 future.set_exception(error)
         group.reads.clear()
+        group.reads_new.clear()
 
     async def _persist_and_apply(self, steps: list[_Step]) -> None:
         writes = [
@@ -493,7 +498,7 @@ class RaftHost:
     def _fail_all(self, group: _Group, error: Exception) -> None:
         futures: list[asyncio.Future[Any]] = [f for _, f in group.waiting.values()]
         futures += [f for _, f in group.queued]
-        futures += list(group.reads.values())
+        futures += [*group.reads.values(), *group.reads_new.values()]
         futures += [f for _, f in group.reads_to_apply]
         for future in futures:
             if not future.done():
@@ -501,4 +506,5 @@ class RaftHost:
         group.waiting.clear()
         group.queued.clear()
         group.reads.clear()
+        group.reads_new.clear()
         group.reads_to_apply.clear()

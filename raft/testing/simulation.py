@@ -48,6 +48,16 @@ class SimConfig:
     propose_rate: float = 0.5
     read_rate: float = 0.1
     snapshot_chunk_bytes: int = 24  # tiny, so every snapshot travels in several chunks
+    # Nemesis actions added to find bugs the original mix could not reach (weight = how many
+    # times the action appears in the draw; 0 disables it).
+    torn_crash_weight: int = 2  # crash between sending Ready.messages and persisting
+    stall_disk_weight: int = 2  # a node stops persisting (and so answering) for a while
+    crash_leader_weight: int = 2  # Figure 8: crash a leader, typically with entries in flight
+    membership_burst: int = 3  # up to this many membership changes proposed back to back
+    stale_client_rate: float = 0.3  # clients talk to a random self-believed leader, not the newest
+    pause_weight: int = 2  # a whole node freezes (GC pause, SIGSTOP) and resumes later
+    # AppendEntries size cap; 0 draws it per seed, so some seeds replicate one entry per message.
+    max_bytes_per_message: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.nodes <= 9:
@@ -125,6 +135,12 @@ class Simulation:
         # With 4+ nodes one starts outside every group, so there is someone to add.
         initial = node_ids[:-1] if len(node_ids) >= 4 else node_ids
         self.crashed: set[NodeId] = set()
+        self.stalled: dict[NodeId, int] = {}  # node -> tick until which its disk does nothing
+        self.paused: dict[NodeId, int] = {}  # node -> tick until which it does nothing at all
+        self.max_bytes_per_message = self.config.max_bytes_per_message or self.rng.choice(
+            [1, 60, 200, 1000]
+        )
+        self._torn_crash_armed: set[NodeId] = set()
         self.blocked_links: set[tuple[NodeId, NodeId]] = set()
         self.replicas: dict[tuple[NodeId, int], Replica] = {}
         for group in range(self.config.groups):
@@ -143,6 +159,12 @@ class Simulation:
         self._max_applied: dict[int, LogIndex] = dict.fromkeys(
             range(self.config.groups), LogIndex(0)
         )
+        # Highest (index, term) known committed per group, for the durability check, and in
+        # which term each stretch of the log was first seen committed: (up to index, term).
+        self._committed: dict[int, tuple[LogIndex, Term]] = {}
+        self._commit_terms: dict[int, list[tuple[LogIndex, Term]]] = {
+            group: [] for group in range(self.config.groups)
+        }
         self._proposals: dict[bytes, _Proposal] = {}
         self._acknowledged: dict[bytes, LogIndex] = {}
         self._reads: dict[bytes, LogIndex] = {}  # context -> minimum acceptable read index
@@ -150,6 +172,15 @@ class Simulation:
 
     # ------------------------------------------------------------------ running
     def run(self) -> SimStats:
+        try:
+            self._run()
+        except InvariantViolation:
+            raise
+        except Exception as error:  # a core assertion tripped: report it with seed and tick
+            raise self._violation(f"{type(error).__name__} raised: {error}") from error
+        return self.stats
+
+    def _run(self) -> None:
         config = self.config
         for _ in range(config.fault_ticks):
             if self.rng.random() < config.fault_rate:
@@ -157,12 +188,13 @@ class Simulation:
             self._step_tick(faulty=True)
         self._heal()
         self._await_recovery()
-        return self.stats
 
     def _step_tick(self, *, faulty: bool) -> None:
         self.now += 1
         self.stats.ticks += 1
-        replicas = [r for r in self.replicas.values() if r.raft is not None]
+        replicas = [
+            r for r in self.replicas.values() if r.raft is not None and not self._is_paused(r)
+        ]
         self.rng.shuffle(replicas)
         for replica in replicas:
             assert replica.raft is not None
@@ -175,6 +207,8 @@ class Simulation:
         for replica in self.replicas.values():
             if replica.raft is not None and (not faulty or self.rng.random() < 0.8):
                 self._process_ready(replica)
+        for group in range(self.config.groups):
+            self._check_commit_durable(group)
 
     def _deliver_due(self) -> None:
         network = self._network
@@ -184,6 +218,11 @@ class Simulation:
                 continue
             replica = self.replicas[(message.recipient, group)]
             if replica.raft is None:
+                continue
+            if self._is_paused(replica):  # stays in its socket buffer until it resumes
+                heapq.heappush(
+                    network, (self.paused[message.recipient], self.rng.random(), group, message)
+                )
                 continue
             self.stats.messages_delivered += 1
             replica.raft.step(message)
@@ -210,9 +249,27 @@ class Simulation:
     def _process_ready(self, replica: Replica) -> None:
         node = replica.raft
         assert node is not None
+        if self.stalled.get(replica.node_id, 0) > self.now or self._is_paused(replica):
+            return  # its disk hangs: nothing is persisted, so nothing that follows a Ready happens
+        rounds = 0
         while node.has_ready():
+            rounds += 1
+            if rounds > 100:  # advance() must make progress; a node that never settles is a bug
+                raise self._violation(
+                    f"node {node.id} group {replica.group} still has a Ready after 100 rounds"
+                )
             ready = node.ready()
             self._send(replica.group, ready.messages)
+            if (
+                replica.node_id in self._torn_crash_armed
+                and (ready.entries_to_persist or ready.hard_state is not None or ready.snapshot)
+                and self._may_crash()
+            ):
+                # The process dies while the fsync is in flight: `messages` are out, the rest
+                # of this Ready (and of every other group's unpersisted state) is lost.
+                self._crash(replica.node_id)
+                self.stats.faults["torn_crash_fired"] += 1
+                return
             self._persist(replica, ready)
             self._send(replica.group, ready.messages_after_persist)
             for entry in ready.entries_to_apply:
@@ -259,6 +316,59 @@ class Simulation:
                 f"{replica.last_commit} to {node.commit_index}"
             )
         replica.last_commit = node.commit_index
+        known = self._committed.get(replica.group)
+        if known is None or node.commit_index > known[0]:
+            # The first node to see an index committed is the leader that committed it.
+            self._commit_terms[replica.group].append((node.commit_index, node.term))
+            term = node.log.term(node.commit_index)
+            self._committed[replica.group] = (node.commit_index, term or Term(0))
+        if node.is_leader:
+            last = node.log.last_index()
+            for peer in node.conf.members:
+                progress = node.progress(peer)
+                if progress is not None and not (
+                    progress.match_index < progress.next_index and progress.match_index <= last
+                ):
+                    raise self._violation(
+                        f"progress invariant: leader {node.id} group {replica.group} has "
+                        f"{progress!r} for node {peer}, last index {last}"
+                    )
+
+    def _check_commit_durable(self, group: int) -> None:
+        """Leader Completeness before the fact: no node lacking the newest committed entry may be
+        able to win an election. A node could win if a majority of its voters would find its log
+        at least as up to date as theirs, in memory or (should they crash) on disk."""
+        known = self._committed.get(group)
+        if known is None:
+            return
+        index, term = known
+        if not term:
+            return
+        for (_, replica_group), replica in self.replicas.items():
+            node = replica.raft
+            if replica_group != group or node is None or node.id not in node.conf.voters:
+                continue
+            if node.log.pending_snapshot is not None or index < node.log.first_index():
+                continue  # holds it in a snapshot, or cannot campaign
+            if node.log.term(index) == term:
+                continue
+            last_index, last_term = node.log.last_index(), node.log.last_term()
+            would_vote = []
+            for voter in sorted(node.conf.voters):
+                other = self.replicas[(voter, group)]
+                logs = [
+                    (other.storage.last_index(), other.storage.term(other.storage.last_index()))
+                ]
+                if other.raft is not None:
+                    logs.append((other.raft.log.last_index(), other.raft.log.last_term()))
+                if any(last_term > t or (last_term == t and last_index >= i) for i, t in logs):
+                    would_vote.append(voter)
+            if len(would_vote) > len(node.conf.voters) // 2:
+                raise self._violation(
+                    f"committed entry ({index}, {term}) of group {group} is not safe: node "
+                    f"{node.id} lacks it but voters {would_vote} of {sorted(node.conf.voters)} "
+                    f"would elect it"
+                )
 
     def _check_log_matching(self, replica: Replica, entries: tuple[Entry, ...]) -> None:
         """Log Matching, inductively: equal (index, term) means equal entry and equal
@@ -280,7 +390,17 @@ class Simulation:
         node = replica.raft
         assert node is not None
         group = replica.group
-        max_applied = self._max_applied[group]
+        # Leader Completeness binds leaders of later terms only: a candidate that collected its
+        # votes before a pause may still win an older term, lacking what newer terms committed.
+        max_applied = LogIndex(
+            min(
+                self._max_applied[group],
+                max(
+                    (upto for upto, term in self._commit_terms[group] if term < node.term),
+                    default=0,
+                ),
+            )
+        )
         if node.log.last_index() < max_applied:
             raise self._violation(
                 f"leader completeness: leader {node.id} of term {node.term} in group {group} has "
@@ -345,16 +465,28 @@ class Simulation:
             return None
         return max(candidates, key=lambda r: r.raft.term if r.raft else 0)
 
+    def _client_target(self, group: int) -> Replica | None:
+        """Usually the newest leader; sometimes any node that still believes it leads, as a real
+        client with a stale leader hint would."""
+        if self.rng.random() >= self.config.stale_client_rate:
+            return self._leader_of(group)
+        believers = [
+            replica
+            for (_, replica_group), replica in self.replicas.items()
+            if replica_group == group and replica.raft is not None and replica.raft.is_leader
+        ]
+        return self.rng.choice(believers) if believers else None
+
     def _client_traffic(self) -> None:
         rng = self.rng
         for group in range(self.config.groups):
             if rng.random() < self.config.propose_rate:
-                self._propose(group)
+                self._propose(group, self._client_target(group))
             if rng.random() < self.config.read_rate:
-                self._read(group)
+                self._read(group, self._client_target(group))
 
-    def _propose(self, group: int) -> bool:
-        replica = self._leader_of(group)
+    def _propose(self, group: int, replica: Replica | None = None) -> bool:
+        replica = replica or self._leader_of(group)
         if replica is None or replica.raft is None:
             return False
         self._next_payload += 1
@@ -367,8 +499,8 @@ class Simulation:
         self._after_input(replica)
         return True
 
-    def _read(self, group: int) -> None:
-        replica = self._leader_of(group)
+    def _read(self, group: int, replica: Replica | None = None) -> None:
+        replica = replica or self._leader_of(group)
         if replica is None or replica.raft is None:
             return
         self._next_payload += 1
@@ -400,19 +532,70 @@ class Simulation:
                 "snapshot",
                 "transfer",
             ]
+            + ["torn_crash"] * self.config.torn_crash_weight
+            + ["stall_disk"] * self.config.stall_disk_weight
+            + ["crash_leader"] * self.config.crash_leader_weight
+            + ["pause"] * self.config.pause_weight
         )
         if getattr(self, f"_nemesis_{action}")():
             self.stats.faults[action] += 1
 
-    def _nemesis_crash(self) -> bool:
-        alive = [n for n in self.node_ids if n not in self.crashed]
-        if len(self.crashed) >= (len(self.node_ids) - 1) // 2 + 1 or not alive:
-            return False
-        node_id = self.rng.choice(alive)
+    def _may_crash(self) -> bool:
+        return len(self.crashed) < (len(self.node_ids) - 1) // 2 + 1
+
+    def _crash(self, node_id: NodeId) -> None:
         self.crashed.add(node_id)
+        self.stalled.pop(node_id, None)
+        self.paused.pop(node_id, None)
+        self._torn_crash_armed.discard(node_id)
         for group in range(self.config.groups):
             replica = self.replicas[(node_id, group)]
             replica.raft = None  # everything not in storage is gone
+
+    def _nemesis_crash(self) -> bool:
+        alive = [n for n in self.node_ids if n not in self.crashed]
+        if not self._may_crash() or not alive:
+            return False
+        self._crash(self.rng.choice(alive))
+        return True
+
+    def _nemesis_torn_crash(self) -> bool:
+        """Arm a node to die in the middle of its next Ready that has something to persist."""
+        alive = [n for n in self.node_ids if n not in self.crashed]
+        if not self._may_crash() or not alive:
+            return False
+        self._torn_crash_armed.add(self.rng.choice(alive))
+        return True
+
+    def _nemesis_stall_disk(self) -> bool:
+        alive = [n for n in self.node_ids if n not in self.crashed]
+        if not alive:
+            return False
+        timeout = self.config.election_timeout_ticks
+        self.stalled[self.rng.choice(alive)] = self.now + self.rng.randint(1, 3 * timeout)
+        return True
+
+    def _is_paused(self, replica: Replica) -> bool:
+        return self.paused.get(replica.node_id, 0) > self.now
+
+    def _nemesis_pause(self) -> bool:
+        """Freeze a node (leaders first): no ticks, no Ready, incoming messages wait. On waking
+        it may still believe it leads and be asked for reads and writes before it learns."""
+        group = self.rng.randrange(self.config.groups)
+        leader = self._leader_of(group)
+        alive = [n for n in self.node_ids if n not in self.crashed]
+        if not alive:
+            return False
+        node_id = leader.node_id if leader is not None else self.rng.choice(alive)
+        timeout = self.config.election_timeout_ticks
+        self.paused[node_id] = self.now + self.rng.randint(timeout, 4 * timeout)
+        return True
+
+    def _nemesis_crash_leader(self) -> bool:
+        leader = self._leader_of(self.rng.randrange(self.config.groups))
+        if leader is None or not self._may_crash():
+            return False
+        self._crash(leader.node_id)
         return True
 
     def _nemesis_restart(self) -> bool:
@@ -435,7 +618,7 @@ class Simulation:
             node_id=replica.node_id,
             election_timeout_ticks=self.config.election_timeout_ticks,
             max_inflight_messages=4,
-            max_bytes_per_message=200,
+            max_bytes_per_message=self.max_bytes_per_message,
             snapshot_chunk_bytes=self.config.snapshot_chunk_bytes,
         )
         rng = random.Random(self.rng.getrandbits(64))
@@ -479,7 +662,21 @@ class Simulation:
         leader = self._leader_of(group)
         if leader is None or leader.raft is None:
             return False
+        # Several changes back to back: all but the first must be refused while one is pending.
+        done = False
+        for _ in range(self.rng.randint(1, self.config.membership_burst)):
+            if (
+                leader.raft is None
+                or not leader.raft.is_leader
+                or not self._change_membership(leader)
+            ):
+                break
+            done = True
+        return done
+
+    def _change_membership(self, leader: Replica) -> bool:
         node = leader.raft
+        assert node is not None
         conf = node.conf
         outsiders = [n for n in self.node_ids if n not in conf.members]
         choices: list[ConfChange] = []
@@ -530,6 +727,9 @@ class Simulation:
     # ------------------------------------------------------------------ liveness
     def _heal(self) -> None:
         self.blocked_links = set()
+        self.stalled.clear()
+        self.paused.clear()
+        self._torn_crash_armed.clear()
         for node_id in sorted(self.crashed):
             self._restart(node_id)
 

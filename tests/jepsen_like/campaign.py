@@ -62,7 +62,8 @@ def main() -> int:
         )
         rows.append(row)
         print(row, flush=True)
-    print("\n| # | workload | nemesis | nodes | seed | ok | fail | info | faults | verdict | wall |")
+    columns = ["#", "workload", "nemesis", "nodes", "seed", "ok", "fail", "info", "faults"]
+    print("\n| " + " | ".join([*columns, "verdict", "wall"]) + " |")
     print("| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | --- | ---: |")
     print("\n".join(rows))
     return 0 if all("**valid**" in row for row in rows) else 1

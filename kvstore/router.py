@@ -522,12 +522,18 @@ def encode_cursor(key: str) -> str:
 
 
 def decode_cursor(cursor: str) -> str:
+    """Strict: only the exact spelling encode_cursor produced (the lenient decoder would
+    silently drop stray characters and restart the scan)."""
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError) as error:
+        padded = (cursor + "=" * (-len(cursor) % 4)).encode("ascii")
+        key = base64.b64decode(padded, altchars=b"-_", validate=True).decode()
+    except (binascii.Error, UnicodeError, ValueError) as error:
         raise InvalidRequest(
             "cursor is not one this API returned; pass next_cursor back unchanged"
         ) from error
+    if encode_cursor(key) != cursor:
+        raise InvalidRequest("cursor is not one this API returned; pass next_cursor back unchanged")
+    return key
 
 
 __all__ = ["KVError", "Router"]

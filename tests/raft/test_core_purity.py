@@ -2,37 +2,27 @@
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
 
 import raft.core
+from tests.import_scan import top_level_imports
 
 FORBIDDEN = {"asyncio", "socket", "time", "threading", "lmdb", "select", "selectors", "os"}
 CORE_DIR = Path(raft.core.__file__).parent
-
-
-def _imported_modules(path: Path) -> set[str]:
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names
 
 
 def test_no_core_module_imports_io_or_clock_modules():
     files = sorted(CORE_DIR.glob("*.py"))
     assert len(files) >= 8
     for path in files:
-        assert not (_imported_modules(path) & FORBIDDEN), path.name
+        assert not (top_level_imports(path) & FORBIDDEN), path.name
 
 
 def test_core_imports_only_itself_and_the_standard_library_it_needs():
     for path in CORE_DIR.glob("*.py"):
-        for name in _imported_modules(path):
+        for name in top_level_imports(path):
             assert name in {
                 "__future__",
                 "raft",

@@ -3,30 +3,20 @@ it says it does."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import kvstore.query
+from tests.import_scan import top_level_imports
 
 FORBIDDEN = {"asyncio", "socket", "time", "threading", "lmdb", "aiohttp", "os", "random"}
 PACKAGE_DIR = Path(kvstore.query.__file__).parent
-
-
-def imported_modules(path: Path) -> set[str]:
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names
 
 
 def test_no_query_module_imports_io_clock_or_randomness():
     files = sorted(PACKAGE_DIR.glob("*.py"))
     assert len(files) >= 9
     for path in files:
-        assert not (imported_modules(path) & FORBIDDEN), path.name
+        assert not (top_level_imports(path) & FORBIDDEN), path.name
 
 
 def test_every_public_name_is_exported_and_exists():

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,17 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 def assert_ok(result: Any) -> None:
     assert result.exit_code == 0, result.output
+
+
+def all_gone(pids: Iterable[int], deadline_s: float = 10.0) -> bool:
+    """Every process exited (reaping our own children), polled until a deadline."""
+    waiting = set(pids)
+    deadline = time.monotonic() + deadline_s
+    while waiting and time.monotonic() < deadline:
+        waiting = {pid for pid in waiting if not reap_and_check_gone(pid)}
+        if waiting:
+            time.sleep(0.05)
+    return not waiting
 
 
 def pids(directory: Path) -> dict[int, int]:
@@ -172,8 +183,7 @@ def test_cluster_up_writes_configs_and_cluster_json_and_down_stops_every_node(da
     down = run("cluster", "down", "--data-dir", str(data_dir))
     assert down.exit_code == 0, down.output
     assert down.stdout.count(": stopped") == 3
-    for pid in started.values():
-        assert is_gone(pid)
+    assert all_gone(started.values())
     assert pids(data_dir) == {}
     again = run("cluster", "down", "--data-dir", str(data_dir))
     assert again.stdout.count(": not running") == 3
@@ -196,7 +206,7 @@ def test_cluster_up_again_keeps_running_nodes_and_restarts_dead_ones(data_dir, r
     assert after[2] != before[2]
     assert (data_dir / "node2" / "node.toml").read_text() == config_before
     assert run("cluster", "down", "-d", str(data_dir)).exit_code == 0
-    assert all(is_gone(pid) for pid in after.values())
+    assert all_gone(after.values())
 
 
 def test_cluster_up_refuses_flags_that_differ_from_the_existing_cluster(data_dir, run):
@@ -230,7 +240,7 @@ def test_node_restart_replaces_the_process_and_records_the_new_pid(data_dir, run
     assert reap_and_check_gone(before[2])
     assert "kvctl started" in (data_dir / "node2" / "node.log").read_text().split("fake node 2")[1]
     assert run("cluster", "down", "-d", str(data_dir)).exit_code == 0
-    assert all(is_gone(pid) for pid in after.values())
+    assert all_gone(after.values())
 
 
 def test_restarting_an_unknown_node_names_the_known_ones(data_dir, run):
@@ -253,7 +263,7 @@ def test_cluster_up_times_out_with_each_nodes_log_when_shards_lack_leaders(
     assert "kvctl cluster down --data-dir" in result.stderr
     started = pids(data_dir)
     assert run("cluster", "down", "-d", str(data_dir)).exit_code == 0
-    assert all(is_gone(pid) for pid in started.values())
+    assert all_gone(started.values())
 
 
 def test_cluster_up_reports_a_node_that_exits_with_its_log(data_dir, run, monkeypatch):
@@ -306,7 +316,7 @@ def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(tmp_path: Path, monke
             lambda: "serving" in (tmp_path / "node1" / "node.log").read_text(),
         )
         assert processes.stop_all([node], timeout_s=0.3) == ["killed"]
-        assert is_gone(pid)
+        assert all_gone([pid])
     finally:
         if not is_gone(pid):
             os.kill(pid, signal.SIGKILL)
@@ -358,5 +368,4 @@ def test_foreground_stops_every_node_on_a_signal(data_dir, tmp_path: Path, stop_
     output = "".join(seen)
     assert "stopping every node" in output
     assert output.count(": stopped") == 2
-    for pid in started.values():
-        assert is_gone(pid)
+    assert all_gone(started.values())

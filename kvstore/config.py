@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from kvstore.query.spec import DEFAULT_LIMITS
+from kvstore.query_runner import QuerySettings
 from kvstore.service import Limits
 from kvstore.sharding import NodeInfo
 from raft.core.types import NodeId
@@ -28,6 +30,7 @@ class NodeConfig:
     shards: int = 8
     replication: int = 3
     limits: Limits = field(default_factory=Limits)
+    query: QuerySettings = field(default_factory=QuerySettings)
     tick_ms: int = 50
     election_timeout_ticks: int = 10
     request_timeout_s: float = 5.0
@@ -65,6 +68,12 @@ def _nodes(raw: list[dict[str, Any]]) -> tuple[NodeInfo, ...]:
     if len(set(ids)) != len(ids):
         raise ConfigError(f"duplicate node ids in [[cluster.nodes]]: {sorted(ids)}")
     return tuple(nodes)
+
+
+def _query_settings(raw: dict[str, Any]) -> QuerySettings:
+    settings = dict(raw)
+    limits = replace(DEFAULT_LIMITS, **settings.pop("limits", {}))
+    return QuerySettings(**settings, limits=limits)
 
 
 _ENV_PREFIX = "KVSTORE_"
@@ -119,6 +128,7 @@ def load_config(argv: list[str] | None = None) -> NodeConfig:
             shards=int(cluster.get("shards", 8)),
             replication=int(cluster.get("replication", 3)),
             limits=replace(Limits(), **limits_raw),
+            query=_query_settings(raw.get("query", {})),
             tick_ms=int(raft_raw.get("tick_ms", 50)),
             election_timeout_ticks=int(raft_raw.get("election_timeout_ticks", 10)),
             request_timeout_s=float(raw.get("request_timeout_s", 5.0)),

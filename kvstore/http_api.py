@@ -54,6 +54,7 @@ MAX_VERSION: Final = 2**63 - 1
 MAX_CURSOR_BYTES: Final = 8192
 MAX_IDEMPOTENCY_KEY_CHARS: Final = 128
 MAX_HOPS: Final = 1000
+MAX_QUERY_BODY_BYTES: Final = 1 << 20
 _BODY_CHUNK_BYTES: Final = 64 * 1024
 _INTERNAL_ERROR_MESSAGE: Final = "internal error; see the node log"
 
@@ -311,6 +312,10 @@ async def _read_body(request: web.Request, limit: int, what: str) -> bytes:
     return bytes(body)
 
 
+def _compact_json(doc: Any) -> str:
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+
+
 def _b64encode(value: bytes) -> str:
     return base64.b64encode(value).decode("ascii")
 
@@ -525,6 +530,15 @@ class _Routes:
             }
         )
 
+    async def query(self, request: web.Request) -> web.Response:
+        ctx = _context(request, accepts_idempotency_key=False)
+        body = await _read_body(request, MAX_QUERY_BODY_BYTES, "query body")
+        try:
+            doc = json.loads(body, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            raise InvalidRequest("the body is not valid JSON") from None
+        return web.json_response(await self._service.query(doc, ctx), dumps=_compact_json)
+
     async def cluster(self, request: web.Request) -> web.Response:
         return web.json_response(await self._service.cluster_status())
 
@@ -564,6 +578,7 @@ def create_app(service: KVService, *, registry: CollectorRegistry) -> web.Applic
     app.router.add_delete(key_path, routes.delete_key)
     app.router.add_get("/v1/scan", routes.scan)
     app.router.add_post("/v1/txn", routes.txn)
+    app.router.add_post("/v1/query", routes.query)
     app.router.add_get("/v1/cluster", routes.cluster)
     app.router.add_get("/health", routes.health)
     app.router.add_get("/ready", routes.ready)

@@ -3,6 +3,7 @@ Raft status, the shard map. Bodies are the msgpack commands and results the log 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from aiohttp import web
@@ -10,7 +11,14 @@ from aiohttp import web
 from kvstore.commands import Failed, encode_outcome
 from kvstore.errors import InvalidRequest, KVError
 from kvstore.http_api import error_response
-from kvstore.peer_client import EPOCH_HEADER, HOPS_HEADER, LEADER_HEADER, NotLeaderHere
+from kvstore.peer_client import (
+    EPOCH_HEADER,
+    HOPS_HEADER,
+    LEADER_HEADER,
+    NODE_HEADER,
+    NotLeaderHere,
+)
+from kvstore.query_runner import encode_error, encode_event, shard_failure
 from kvstore.router import Router
 from kvstore.service import Consistency, KeyVersion, TxnResult
 
@@ -82,6 +90,42 @@ def add_internal_routes(app: web.Application, router: Router) -> None:
             return _error(InvalidRequest(str(error)))
         return web.Response(body=payload, content_type="application/msgpack")
 
+    async def query(request: web.Request) -> web.StreamResponse:
+        """One shard's part of a query, streamed as frames (see kvstore.query_runner)."""
+        try:
+            consistency = Consistency(request.query.get("consistency", "linearizable"))
+        except ValueError:
+            return _error(InvalidRequest("consistency must be linearizable or stale"))
+        try:
+            await _check_epoch(request, router)
+            shard_id = _int_param(request, "shard")
+            events = await router.serve_internal_query(
+                shard_id, await request.read(), consistency, max(_int_param(request, "budget"), 1)
+            )
+        except KVError as error:
+            return _error(error)
+        except KeyError as error:
+            return _error(InvalidRequest(str(error)))
+        response = web.StreamResponse(
+            headers={"Content-Type": "application/octet-stream", NODE_HEADER: str(router.node_id)}
+        )
+        await response.prepare(request)
+        try:
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    await response.write(encode_event(event))
+        except ConnectionResetError:
+            return response  # the coordinator went away; the scan stops with the generator
+        except Exception as error:
+            try:
+                failure = shard_failure(error, shard_id)
+            except Exception:
+                log.exception("query on shard %d failed", shard_id)
+                failure = KVError(f"node {router.node_id} failed the query; see its log")
+            await response.write(encode_error(failure))
+        await response.write_eof()
+        return response
+
     async def status(request: web.Request) -> web.Response:
         return web.json_response(router.local_status())
 
@@ -93,5 +137,6 @@ def add_internal_routes(app: web.Application, router: Router) -> None:
 
     app.router.add_post("/v1/internal/propose", propose)
     app.router.add_post("/v1/internal/read", read)
+    app.router.add_post("/v1/internal/query", query)
     app.router.add_get("/v1/internal/status", status)
     app.router.add_get("/v1/internal/shard-map", shard_map)

@@ -15,6 +15,7 @@ from kvstore.http_api import create_app
 from kvstore.internal_api import add_internal_routes
 from kvstore.meta import MetaStateMachine
 from kvstore.metrics import RaftCollector
+from kvstore.query import PluginLoadError, PluginRegistry
 from kvstore.router import Router
 from kvstore.sharding import META_GROUP_ID, ShardMap, initial_shard_map
 from kvstore.state_machine import KVStateMachine
@@ -53,6 +54,8 @@ class KVNode:
             config.request_timeout_s,
             client_url_overrides=config.client_url_overrides,
             unsafe_stale_reads=config.unsafe_stale_reads,
+            query_settings=config.query,
+            plugins=PluginRegistry.from_entry_points(),
         )
         if config.unsafe_stale_reads:
             log.warning("UNSAFE TEST FAULT ON: linearizable reads skip ReadIndex on any replica")
@@ -123,7 +126,11 @@ class KVNode:
 async def serve(config: NodeConfig) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or until the Raft loop fails (exit 1): a node whose
     storage failed stops rather than answering every request with a timeout."""
-    node = KVNode(config)
+    try:
+        node = KVNode(config)
+    except PluginLoadError as error:
+        log.critical("node %d cannot start: %s", config.node_id, error)
+        return 2
     await node.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

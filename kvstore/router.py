@@ -8,11 +8,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
+import contextlib
 import heapq
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import msgpack
@@ -35,6 +38,18 @@ from kvstore.peer_client import (
     PeerUnreachable,
     decode_key_values,
     encode_key_values,
+    error_from_code,
+)
+from kvstore.query import PluginRegistry, ShardPlan, merge_partials, parse_query
+from kvstore.query.results import Partial, ReadPoint, RowsPartial
+from kvstore.query.spec import QuerySpec
+from kvstore.query_runner import (
+    QuerySettings,
+    ShardDone,
+    ShardEvent,
+    read_events,
+    scan_shard,
+    shard_failure,
 )
 from kvstore.service import (
     Consistency,
@@ -47,7 +62,7 @@ from kvstore.service import (
     TxnResult,
 )
 from kvstore.sharding import ShardMap, ShardSpec
-from kvstore.state_machine import KVStateMachine
+from kvstore.state_machine import CorruptValueError, KVStateMachine
 from raft.core.errors import NotLeader, ProposalDropped
 from raft.core.types import NO_NODE, NodeId
 from raft.runtime.host import OutcomeUnknown as RaftOutcomeUnknown
@@ -71,6 +86,8 @@ class Router:
         *,
         client_url_overrides: dict[NodeId, str] | None = None,
         unsafe_stale_reads: bool = False,
+        query_settings: QuerySettings | None = None,
+        plugins: PluginRegistry | None = None,
     ) -> None:
         self.node_id = node_id
         self.limits = limits
@@ -81,9 +98,15 @@ class Router:
         self._peers = PeerClient(request_timeout_s)
         self._client_url_overrides = client_url_overrides or {}
         self._unsafe_stale_reads = unsafe_stale_reads  # test-only fault (jepsen_like broken mode)
+        self.query_settings = query_settings or QuerySettings()
+        self._plugins = plugins or PluginRegistry()
+        self._scan_threads = concurrent.futures.ThreadPoolExecutor(
+            self.query_settings.scan_threads, thread_name_prefix="query-scan"
+        )
 
     async def close(self) -> None:
         await self._peers.close()
+        self._scan_threads.shutdown(wait=False, cancel_futures=True)
 
     @property
     def shard_map(self) -> ShardMap:
@@ -160,6 +183,149 @@ class Router:
         items = tuple(merged[:limit])
         next_cursor = encode_cursor(items[-1].key) if len(merged) > limit and items else None
         return ScanPage(items, next_cursor)
+
+    async def query(self, doc: Any, ctx: RequestContext) -> dict[str, Any]:
+        """POST /v1/query: the plan runs on every shard at once (each at its own read point),
+        and the partials merge here."""
+        settings = self.query_settings
+        spec = parse_query(doc, settings.limits, self._plugins)
+        shards = self.shard_map.shards
+        budget = settings.shard_budget_bytes(len(shards))
+        answers = await asyncio.gather(
+            *(self._query_shard(shard, spec, budget, ctx) for shard in shards),
+            return_exceptions=True,
+        )
+        partials: list[Partial] = []
+        points: list[ReadPoint] = []
+        failed: dict[int, str] = {}
+        cut_after: str | None = None
+        for shard, answer in zip(shards, answers, strict=True):
+            if isinstance(answer, InvalidRequest):
+                raise answer  # the same on every shard: the query itself is at fault
+            if isinstance(answer, KVError):
+                failed[shard.id] = answer.message
+                continue
+            if isinstance(answer, BaseException):
+                raise answer
+            partials.extend(answer.partials)
+            points.append(ReadPoint(shard.id, answer.node, answer.applied_index))
+            if answer.last_row_key is not None:
+                cut_after = min(cut_after or answer.last_row_key, answer.last_row_key)
+        if failed and not spec.allow_partial:
+            reasons = "; ".join(f"shard {shard}: {message}" for shard, message in failed.items())
+            raise ShardUnavailable(
+                f"{len(failed)} of {len(shards)} shards did not answer ({reasons}); retry, or "
+                "set allow_partial to answer without them"
+            )
+        result = merge_partials(
+            spec,
+            partials,
+            limits=settings.limits,
+            missing_shards=failed,
+            plugins=self._plugins,
+            cut_after=cut_after,
+        )
+        answer_json = replace(result, stats=replace(result.stats, read_points=tuple(points)))
+        document = answer_json.to_json()
+        document["shard_errors"] = [
+            {"shard": shard, "message": message} for shard, message in sorted(failed.items())
+        ]
+        return document
+
+    async def _query_shard(
+        self, shard: ShardSpec, spec: QuerySpec, budget: int, ctx: RequestContext
+    ) -> _ShardAnswer:
+        plan = ShardPlan.for_shard(spec, shard.id, self.query_settings.limits)
+        started = time.monotonic()
+        answer = await self._on_leader(
+            shard,
+            ctx,
+            lambda: self._query_here(plan, budget),
+            lambda url, hops, timeout_s: self._query_remote(url, plan, budget, hops, timeout_s),
+            may_retry_remote=True,
+            any_replica=spec.consistency is Consistency.STALE,
+            work_timeout_s=self.query_settings.timeout_s,
+        )
+        last = answer.partials[-1]  # every shard answer has at least one chunk
+        elapsed = replace(last.stats, elapsed_s=time.monotonic() - started)
+        answer.partials[-1] = replace(last, stats=elapsed)
+        return answer
+
+    async def _query_here(self, plan: ShardPlan, budget: int) -> _ShardAnswer:
+        events = await self._shard_events(plan, budget)
+        try:
+            return await _ShardAnswer.collect(self.node_id, events)
+        except (KVError, CorruptValueError, ValueError) as error:
+            raise shard_failure(error, plan.shard) from error
+
+    async def _query_remote(
+        self, url: str, plan: ShardPlan, budget: int, hops: int, timeout_s: float
+    ) -> _ShardAnswer:
+        spec = plan.spec
+        async with self._peers.open_stream(
+            url,
+            "query",
+            msgpack.packb(plan.to_wire()),
+            hops=hops,
+            epoch=self.shard_map.epoch,
+            timeout_s=timeout_s,
+            params={
+                "shard": str(plan.shard),
+                "consistency": spec.consistency.value,
+                "budget": str(budget),
+            },
+        ) as (node, stream):
+            events = read_events(
+                stream.readexactly,
+                spec,
+                settings=self.query_settings,
+                plugins=self._plugins,
+                error_of=error_from_code,
+            )
+            return await _ShardAnswer.collect(node, events)
+
+    async def serve_internal_query(
+        self, shard_id: int, plan_bytes: bytes, consistency: Consistency, budget: int
+    ) -> AsyncGenerator[ShardEvent, None]:
+        """A shard plan sent by a coordinator: refuse it now (not leader, bad plan, no read
+        point) or return the stream of its answer."""
+        try:
+            plan = ShardPlan.from_wire(
+                msgpack.unpackb(plan_bytes, use_list=False),
+                self.query_settings.limits,
+                self._plugins,
+            )
+        except (ValueError, TypeError, msgpack.UnpackException) as error:
+            raise InvalidRequest(f"malformed shard plan: {error}") from error
+        if plan.shard != shard_id or plan.spec.consistency is not consistency:
+            raise InvalidRequest("the shard plan does not match the request parameters")
+        leads = self._host.has_group(shard_id) and self._host.is_leader(shard_id)
+        if not leads and not (consistency is Consistency.STALE and shard_id in self._shards):
+            hint = self._host.leader_id(shard_id) if self._host.has_group(shard_id) else NO_NODE
+            raise NotLeaderHere(f"node {self.node_id} does not lead shard {shard_id}", hint)
+        try:
+            return await asyncio.wait_for(self._shard_events(plan, budget), self._timeout_s)
+        except NotLeader as error:
+            raise NotLeaderHere(str(error), error.leader_hint) from error
+        except TimeoutError:
+            raise ShardUnavailable(
+                f"shard {shard_id} could not confirm a read point within {self._timeout_s:.0f}s"
+            ) from None
+
+    async def _shard_events(self, plan: ShardPlan, budget: int) -> AsyncGenerator[ShardEvent, None]:
+        machine = self._shards.get(plan.shard)
+        if machine is None:
+            raise NotLeaderHere(f"no replica of shard {plan.shard} on node {self.node_id}")
+        if plan.spec.consistency is Consistency.LINEARIZABLE:
+            await self._host.read_barrier(plan.shard)  # §6.4 ReadIndex: the read point
+        return scan_shard(
+            machine,
+            plan,
+            settings=self.query_settings,
+            plugins=self._plugins,
+            budget_bytes=budget,
+            executor=self._scan_threads,
+        )
 
     async def cluster_status(self) -> dict[str, Any]:
         shard_map = self.shard_map
@@ -421,9 +587,11 @@ class Router:
         *,
         may_retry_remote: bool,
         any_replica: bool = False,
+        work_timeout_s: float | None = None,
     ) -> T:
         """Run `here` if this node leads the shard, else `remote` on the node that does;
-        follow leader changes until the request deadline, then answer 503."""
+        follow leader changes until the request deadline, then answer 503. Finding the leader
+        takes at most the request timeout; the work itself, `work_timeout_s` if given."""
         deadline = time.monotonic() + self._timeout_s
         hint = NO_NODE
         last_problem = "no leader known"
@@ -435,11 +603,12 @@ class Router:
             local = host.has_group(shard.id)
             if local and (host.is_leader(shard.id) or (any_replica and shard.id in self._shards)):
                 try:
-                    return await asyncio.wait_for(here(), timeout=remaining)
+                    return await asyncio.wait_for(here(), timeout=work_timeout_s or remaining)
                 except (NotLeader, ProposalDropped) as error:
                     last_problem = f"leadership moved ({type(error).__name__})"
                 except TimeoutError as error:
                     if may_retry_remote:  # a read: nothing happened, report unavailable
+                        last_problem = "it did not answer in time"
                         break
                     raise OutcomeUnknown(
                         f"shard {shard.id} did not commit within {self._timeout_s:.0f}s; "
@@ -450,7 +619,7 @@ class Router:
                 if target != NO_NODE and ctx.hops < MAX_HOPS:
                     url = self._url_of(target)
                     try:
-                        return await remote(url, ctx.hops + 1, remaining)
+                        return await remote(url, ctx.hops + 1, work_timeout_s or remaining)
                     except NotLeaderHere as error:
                         hint = error.leader_hint if error.leader_hint != target else NO_NODE
                         last_problem = f"node {target} does not lead shard {shard.id}"
@@ -490,6 +659,29 @@ class Router:
             return hint
         others = [node for node in shard.replicas if node != self.node_id]
         return others[attempt % len(others)] if others else NO_NODE
+
+
+@dataclass(slots=True)
+class _ShardAnswer:
+    node: NodeId  # the node that scanned the shard
+    partials: list[Partial]
+    applied_index: int
+    last_row_key: str | None  # set when rows stopped at the byte budget: the page ends there
+
+    @classmethod
+    async def collect(cls, node: NodeId, events: AsyncGenerator[ShardEvent, None]) -> _ShardAnswer:
+        partials: list[Partial] = []
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if not isinstance(event, ShardDone):
+                    partials.append(event)
+                    continue
+                last_key = None
+                if event.truncated:
+                    rows = [p.rows for p in partials if isinstance(p, RowsPartial) and p.rows]
+                    last_key = rows[-1][-1][0] if rows else None
+                return cls(node, partials, event.applied_index, last_key)
+        raise ShardUnavailable(f"node {node}'s answer ended before it was complete")
 
 
 def _decode_scan_query(query: bytes) -> tuple[str, str | None, str | None, str | None, int]:

@@ -148,6 +148,10 @@ class KVService(Protocol):
         """Raises CrossShardTxn when the keys span shards."""
         ...
 
+    async def query(self, doc: Any, ctx: RequestContext) -> dict[str, Any]:
+        """Run a query (docs/query.md) given as its decoded JSON body; the answer as JSON."""
+        ...
+
     async def cluster_status(self) -> dict[str, Any]: ...
 
     def is_ready(self) -> tuple[bool, str]:

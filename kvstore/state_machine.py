@@ -9,8 +9,10 @@ CorruptValueError(shard_id, key) rather than answering wrongly.
 
 from __future__ import annotations
 
+import contextlib
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
@@ -98,6 +100,14 @@ def _seal(key: bytes, version: int, value: bytes) -> bytes:
     if len(key) <= _INLINE_KEY_BYTES:
         return header + value
     return header + _KEY_LENGTH.pack(len(key)) + key + value
+
+
+@dataclass(frozen=True, slots=True)
+class ReadView:
+    """One shard as of one LMDB read transaction: every row at exactly `applied_index`."""
+
+    applied_index: int
+    rows_from: Callable[[str], Iterator[tuple[str, bytes]]]  # (key, value) from a key on
 
 
 class KVStateMachine:
@@ -228,6 +238,20 @@ class KVStateMachine:
                 if len(found) >= limit:
                     break
         return found
+
+    @contextlib.contextmanager
+    def read_view(self) -> Iterator[ReadView]:
+        """A consistent snapshot for long reads (queries): LMDB's MVCC keeps the rows of this
+        read transaction unchanged while writes go on, so a scan sees one applied index."""
+        with self._env.begin() as txn:
+            applied, _ = self._read_meta(txn)
+
+            def rows_from(low: str) -> Iterator[tuple[str, bytes]]:
+                first = self._prefix + low.encode()[:_INLINE_KEY_BYTES]  # at or before `low`
+                for key, _version, value in self._records(txn.cursor(db=self._data), first):
+                    yield key.decode(), value
+
+            yield ReadView(applied, rows_from)
 
     def count(self) -> int:
         with self._env.begin() as txn:

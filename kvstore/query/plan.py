@@ -435,9 +435,13 @@ def merge_partials(
     limits: QueryLimits = DEFAULT_LIMITS,
     missing_shards: Iterable[int] = (),
     plugins: PluginRegistry | None = None,
+    cut_after: str | None = None,
 ) -> QueryResult:
     """The coordinator side: every partial (all chunks of every shard that answered) in, the
-    answer out. Shards that did not answer fail the query unless spec.allow_partial."""
+    answer out. Shards that did not answer fail the query unless spec.allow_partial.
+
+    cut_after: some shard stopped sending rows early (its byte budget ran out) after this key,
+    so rows past it cannot be ordered yet: the page ends there and next_cursor continues."""
     missing = tuple(sorted(set(missing_shards)))
     if missing and not spec.allow_partial:
         raise ShardUnavailable(
@@ -452,8 +456,10 @@ def merge_partials(
                 raise AssertionError("an aggregates partial does not answer a select query")
             runs.append(partial.rows)
         merged = list(itertools.islice(heapq.merge(*runs, key=itemgetter(0)), spec.limit + 1))
-        page = merged[: spec.limit]
-        next_cursor = encode_cursor(page[-1][0]) if len(merged) > spec.limit else None
+        orderable = merged if cut_after is None else [r for r in merged if r[0] <= cut_after]
+        page = orderable[: spec.limit]
+        more = len(merged) > spec.limit or cut_after is not None
+        next_cursor = encode_cursor(page[-1][0]) if more and page else None
         rows = tuple(_row_json(key, value) for key, value in page)
         return QueryResult(rows, next_cursor, (), stats, missing)
 

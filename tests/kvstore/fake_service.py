@@ -22,6 +22,7 @@ from kvstore.errors import (
     PayloadTooLarge,
     PreconditionFailed,
 )
+from kvstore.query import ShardPlan, execute_on_rows, merge_partials, parse_query
 from kvstore.service import (
     CompareOp,
     CompareTarget,
@@ -165,6 +166,14 @@ class FakeKVService:
             return TxnResult(succeeded, tuple(self._apply(op, version) for op in ops))
 
         return self._once(ctx, ("txn", request), run)
+
+    async def query(self, doc: Any, ctx: RequestContext) -> dict[str, Any]:
+        """The real query engine over this fake's data as one shard."""
+        self._enter("query", ctx, doc=doc)
+        spec = parse_query(doc)
+        rows = [(key, self._data[key][0]) for key in sorted(self._data)]
+        partial = execute_on_rows(ShardPlan.for_shard(spec, 0), rows)
+        return merge_partials(spec, [partial]).to_json()
 
     async def cluster_status(self) -> dict[str, Any]:
         self._enter("cluster_status", None)

@@ -212,6 +212,31 @@ class KVClient:
             raise KvctlError(f"malformed txn response from {response.endpoint}: {answer!r:.200}")
         return answer
 
+    def query(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """POST /v1/query (docs/query.md): one answer, as the API gives it. A query only reads,
+        so it is retried on the next endpoint when one fails."""
+        response = self.request(
+            "POST",
+            "/v1/query",
+            body=json.dumps(spec).encode(),
+            headers={"Content-Type": "application/json"},
+            safe_to_retry=True,
+        )
+        answer = response.json()
+        if not isinstance(answer, dict) or not isinstance(answer.get("rows"), list):
+            raise KvctlError(f"malformed query answer from {response.endpoint}: {answer!r:.200}")
+        return answer
+
+    def query_pages(self, spec: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+        """Every page of a select query, following next_cursor (an aggregate query: one)."""
+        cursor = spec.get("cursor")
+        while True:
+            page = self.query({**spec, "cursor": cursor} if cursor else spec)
+            yield page
+            if not page.get("next_cursor") or page["next_cursor"] == cursor:
+                return
+            cursor = page["next_cursor"]
+
     def cluster_status(self) -> ClusterStatus:
         response = self.request("GET", "/v1/cluster", safe_to_retry=True)
         answer = response.json()

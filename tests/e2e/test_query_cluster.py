@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from cli.__main__ import kvctl
+from cli.client import KVClient
 from kvstore.sharding import key_token
 from tests.e2e.kv_cluster import KVCluster, Response, wait_for
 
@@ -440,3 +443,55 @@ def test_a_query_survives_a_killed_replica_node(kv_cluster: KVCluster) -> None:
     want = naive_aggregates(json_docs(docs), not_json_rows=5)
     assert_same_aggregates(result["groups"][0]["aggregates"], want)
     assert victim not in {s["node"] for s in result["stats"]["per_shard"]}
+
+
+# ---- kvctl query and the Python client ---------------------------------------------------------
+
+
+def kvctl_json(cluster: KVCluster, *args: str) -> Any:
+    result = CliRunner().invoke(kvctl, ["--endpoints", cluster.url(1), "--json", "query", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_kvctl_query_flags_give_the_same_answer_as_the_naive_computation(loaded) -> None:
+    cluster, docs = loaded
+    found = kvctl_json(
+        cluster, "-p", PREFIX, "-w", "age >= 18", "-g", "city", "-a", "rows=count",
+        "-a", "spent=sum(spent)", "-a", "top_cities=top_k(city,3)",
+    )  # fmt: skip
+    adults = json_docs(docs, lambda d: d["age"] >= 18)
+    by_city = {group["group"].get("city"): group["aggregates"] for group in found["groups"]}
+    for city in CITIES:
+        rows = [d for d in adults if d.get("city") == city]
+        want = naive_aggregates(rows)
+        assert by_city[city]["rows"] == want["rows"]
+        assert by_city[city]["spent"] == pytest.approx(want["spent"], rel=1e-12)
+        assert by_city[city]["top_cities"] == want["top_cities"]
+
+
+def test_kvctl_query_all_pages_and_the_client_agree(loaded) -> None:
+    cluster, docs = loaded
+    found = kvctl_json(cluster, "-p", PREFIX, "-w", "city == pau", "-s", "n", "-n", "7", "--all")
+    want = [
+        {"key": k, "value": {"n": d["n"]}}
+        for k, d in sorted(docs.items())
+        if k.startswith(PREFIX) and not isinstance(d, bytes) and d.get("city") == "pau"
+    ]
+    assert found["rows"] == want
+    assert found["next_cursor"] is None
+    client = KVClient([cluster.url(2)], timeout_s=60)
+    spec = {"prefix": PREFIX, "where": [{"field": "city", "op": "==", "value": "pau"}]}
+    pages = list(client.query_pages({**spec, "select": ["n"], "limit": 7}))
+    assert len(pages) == len(want) // 7 + 1
+    assert [row for page in pages for row in page["rows"]] == want
+
+
+def test_kvctl_query_prints_a_table(loaded) -> None:
+    cluster, _ = loaded
+    args = ["--endpoints", cluster.url(3), "query", "-p", PREFIX, "-g", "city", "-a", "n=count"]
+    result = CliRunner().invoke(kvctl, args)
+    assert result.exit_code == 0, result.output
+    assert "CITY" in result.stdout
+    assert all(city in result.stdout for city in CITIES)
+    assert "4 shards" in result.stdout

@@ -308,6 +308,21 @@ def _pre_aggregate(
     counters = _Counters()
     grouped = GroupedAggregates(compiled.new_states, plan.max_groups)
     groups, group_getters, feeds = grouped.groups, compiled.group_getters, compiled.feeds
+    if not group_getters:  # one group: no per-row group key, and rows counted in bulk
+        states = grouped.states_for(())
+        fed = [(state, feed) for state, feed in zip(states, feeds, strict=True) if feed]
+        matched = 0
+        for key, _raw, document in _matching(plan.spec, compiled, rows, counters):
+            matched += 1
+            for state, feed in fed:
+                value = feed(key, document)
+                if value is not None and value is not MISSING:
+                    state.add(value)
+        for state, maybe_feed in zip(states, feeds, strict=True):
+            if maybe_feed is None:
+                assert isinstance(state, Count), state
+                state.add_rows(matched)
+        return AggregatesPartial(plan.shard, grouped, counters.take())
     for key, _raw, document in _matching(plan.spec, compiled, rows, counters):
         if len(group_getters) == 1:
             group_key: GroupKey = (_group_text(group_getters[0](key, document)),)

@@ -33,7 +33,7 @@ def test_where_parses_to_a_predicate(text, predicate) -> None:
 
 @pytest.mark.parametrize("text", ["age", "age ~ 3", "age >=", ">= 3"])
 def test_a_bad_where_says_how_to_write_it(text) -> None:
-    with pytest.raises(click.BadParameter, match="OP|needs a value"):
+    with pytest.raises(click.BadParameter, match=r"OP|needs a value"):
         parse_where(text)
 
 

@@ -100,7 +100,11 @@ def add_internal_routes(app: web.Application, router: Router) -> None:
             await _check_epoch(request, router)
             shard_id = _int_param(request, "shard")
             events = await router.serve_internal_query(
-                shard_id, await request.read(), consistency, max(_int_param(request, "budget"), 1)
+                shard_id,
+                await request.read(),
+                consistency,
+                max(_int_param(request, "budget"), 1),
+                follower=request.query.get("follower") == "1",
             )
         except KVError as error:
             return _error(error)

@@ -14,7 +14,8 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections import Counter
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -191,8 +192,9 @@ class Router:
         spec = parse_query(doc, settings.limits, self._plugins)
         shards = self.shard_map.shards
         budget = settings.shard_budget_bytes(len(shards))
+        scanners = self._spread_scans(shards)
         answers = await asyncio.gather(
-            *(self._query_shard(shard, spec, budget, ctx) for shard in shards),
+            *(self._query_shard(shard, scanners[shard.id], spec, budget, ctx) for shard in shards),
             return_exceptions=True,
         )
         partials: list[Partial] = []
@@ -232,34 +234,87 @@ class Router:
         ]
         return document
 
+    def _spread_scans(self, shards: Sequence[ShardSpec]) -> dict[int, NodeId]:
+        """Which replica scans each shard: as even a number per node as the replicas allow, so
+        the scans run in parallel in several processes even when one node leads most shards.
+        Ties go to the known leader (no read-point round trip), then to this node."""
+        scans: Counter[NodeId] = Counter()
+        chosen: dict[int, NodeId] = {}
+        for shard in shards:
+            leader = self._host.leader_id(shard.id) if self._host.has_group(shard.id) else NO_NODE
+            node = min(
+                shard.replicas,
+                key=lambda n: (scans[n], n != leader, n != self.node_id, n),
+            )
+            scans[node] += 1
+            chosen[shard.id] = node
+        return chosen
+
     async def _query_shard(
-        self, shard: ShardSpec, spec: QuerySpec, budget: int, ctx: RequestContext
+        self,
+        shard: ShardSpec,
+        scanner: NodeId,
+        spec: QuerySpec,
+        budget: int,
+        ctx: RequestContext,
     ) -> _ShardAnswer:
+        """Scan the shard on `scanner` (a follower first gets the leader's read point); if that
+        node cannot, on the shard's leader, following leader changes."""
         plan = ShardPlan.for_shard(spec, shard.id, self.query_settings.limits)
+        timeout_s = self.query_settings.timeout_s
         started = time.monotonic()
-        answer = await self._on_leader(
-            shard,
-            ctx,
-            lambda: self._query_here(plan, budget),
-            lambda url, hops, timeout_s: self._query_remote(url, plan, budget, hops, timeout_s),
-            may_retry_remote=True,
-            any_replica=spec.consistency is Consistency.STALE,
-            work_timeout_s=self.query_settings.timeout_s,
-        )
+        answer: _ShardAnswer | None = None
+        try:
+            if scanner == self.node_id:
+                answer = await asyncio.wait_for(self._query_here(plan, budget, True), timeout_s)
+            else:
+                answer = await self._query_remote(
+                    self._url_of(scanner), plan, budget, ctx.hops + 1, timeout_s, follower=True
+                )
+        except InvalidRequest:
+            raise
+        except (KVError, PeerUnreachable, NotLeader) as error:
+            log.info(
+                "shard %d: node %d cannot scan it (%s); the leader will",
+                *(shard.id, scanner, error),
+            )
+        except TimeoutError:
+            raise ShardUnavailable(
+                f"shard {shard.id} did not answer within the query timeout of {timeout_s:.0f}s"
+            ) from None
+        if answer is None:
+            answer = await self._on_leader(
+                shard,
+                ctx,
+                lambda: self._query_here(plan, budget),
+                lambda url, hops, timeout: self._query_remote(url, plan, budget, hops, timeout),
+                may_retry_remote=True,
+                any_replica=spec.consistency is Consistency.STALE,
+                work_timeout_s=timeout_s,
+            )
         last = answer.partials[-1]  # every shard answer has at least one chunk
         elapsed = replace(last.stats, elapsed_s=time.monotonic() - started)
         answer.partials[-1] = replace(last, stats=elapsed)
         return answer
 
-    async def _query_here(self, plan: ShardPlan, budget: int) -> _ShardAnswer:
-        events = await self._shard_events(plan, budget)
+    async def _query_here(
+        self, plan: ShardPlan, budget: int, follower: bool = False
+    ) -> _ShardAnswer:
+        events = await self._shard_events(plan, budget, follower)
         try:
             return await _ShardAnswer.collect(self.node_id, events)
         except (KVError, CorruptValueError, ValueError) as error:
             raise shard_failure(error, plan.shard) from error
 
     async def _query_remote(
-        self, url: str, plan: ShardPlan, budget: int, hops: int, timeout_s: float
+        self,
+        url: str,
+        plan: ShardPlan,
+        budget: int,
+        hops: int,
+        timeout_s: float,
+        *,
+        follower: bool = False,
     ) -> _ShardAnswer:
         spec = plan.spec
         async with self._peers.open_stream(
@@ -273,6 +328,7 @@ class Router:
                 "shard": str(plan.shard),
                 "consistency": spec.consistency.value,
                 "budget": str(budget),
+                "follower": "1" if follower else "0",
             },
         ) as (node, stream):
             events = read_events(
@@ -285,10 +341,17 @@ class Router:
             return await _ShardAnswer.collect(node, events)
 
     async def serve_internal_query(
-        self, shard_id: int, plan_bytes: bytes, consistency: Consistency, budget: int
+        self,
+        shard_id: int,
+        plan_bytes: bytes,
+        consistency: Consistency,
+        budget: int,
+        *,
+        follower: bool,
     ) -> AsyncGenerator[ShardEvent, None]:
         """A shard plan sent by a coordinator: refuse it now (not leader, bad plan, no read
-        point) or return the stream of its answer."""
+        point) or return the stream of its answer. `follower`: any replica may serve it, at
+        the leader's read point."""
         try:
             plan = ShardPlan.from_wire(
                 msgpack.unpackb(plan_bytes, use_list=False),
@@ -300,11 +363,14 @@ class Router:
         if plan.shard != shard_id or plan.spec.consistency is not consistency:
             raise InvalidRequest("the shard plan does not match the request parameters")
         leads = self._host.has_group(shard_id) and self._host.is_leader(shard_id)
-        if not leads and not (consistency is Consistency.STALE and shard_id in self._shards):
+        any_replica = consistency is Consistency.STALE or follower
+        if not leads and not (any_replica and shard_id in self._shards):
             hint = self._host.leader_id(shard_id) if self._host.has_group(shard_id) else NO_NODE
             raise NotLeaderHere(f"node {self.node_id} does not lead shard {shard_id}", hint)
         try:
-            return await asyncio.wait_for(self._shard_events(plan, budget), self._timeout_s)
+            return await asyncio.wait_for(
+                self._shard_events(plan, budget, follower), self._timeout_s
+            )
         except NotLeader as error:
             raise NotLeaderHere(str(error), error.leader_hint) from error
         except TimeoutError:
@@ -312,12 +378,17 @@ class Router:
                 f"shard {shard_id} could not confirm a read point within {self._timeout_s:.0f}s"
             ) from None
 
-    async def _shard_events(self, plan: ShardPlan, budget: int) -> AsyncGenerator[ShardEvent, None]:
+    async def _shard_events(
+        self, plan: ShardPlan, budget: int, follower: bool = False
+    ) -> AsyncGenerator[ShardEvent, None]:
         machine = self._shards.get(plan.shard)
         if machine is None:
             raise NotLeaderHere(f"no replica of shard {plan.shard} on node {self.node_id}")
         if plan.spec.consistency is Consistency.LINEARIZABLE:
-            await self._host.read_barrier(plan.shard)  # §6.4 ReadIndex: the read point
+            if follower and not self._host.is_leader(plan.shard):
+                await self._wait_applied(machine, await self._leader_read_point(plan.shard))
+            else:
+                await self._host.read_barrier(plan.shard)  # §6.4 ReadIndex: the read point
         return scan_shard(
             machine,
             plan,
@@ -326,6 +397,25 @@ class Router:
             budget_bytes=budget,
             executor=self._scan_threads,
         )
+
+    async def _leader_read_point(self, shard_id: int) -> int:
+        """A follower read (§6.4.1): the leader confirms its leadership (ReadIndex) and names
+        its applied index; once this replica has applied that far, its state is as new as any
+        write acknowledged before the read began."""
+        shard = self.shard_map.shard(shard_id)
+        return await self._read(
+            shard, Consistency.LINEARIZABLE, RequestContext(), "applied", b"", msgpack.unpackb
+        )
+
+    async def _wait_applied(self, machine: KVStateMachine, index: int) -> None:
+        deadline = time.monotonic() + self._timeout_s
+        while (applied := machine.applied_index()) < index:
+            if time.monotonic() > deadline:
+                raise ShardUnavailable(
+                    f"shard {machine.shard_id}'s replica on node {self.node_id} stays behind "
+                    f"the read point (applied {applied} < {index})"
+                )
+            await asyncio.sleep(0.002)
 
     async def cluster_status(self) -> dict[str, Any]:
         shard_map = self.shard_map
@@ -527,6 +617,9 @@ class Router:
         if op == "scan":
             prefix, start, end, after, limit = _decode_scan_query(query)
             return encode_key_values(machine.scan(prefix, start, end, after, limit))
+        if op == "applied":  # a read point for a follower read
+            packed: bytes = msgpack.packb(machine.applied_index())
+            return packed
         raise InvalidRequest(f"unknown read operation {op!r}")
 
     async def _forward_read(

@@ -268,8 +268,30 @@ def test_a_stale_query_answers_from_any_replica(loaded) -> None:
             "a stale query to see every write",
             lambda node=node: answer(cluster, node, spec)["groups"][0]["aggregates"]["n"] == want,
         )
-        served = {s["node"] for s in answer(cluster, node, spec)["stats"]["per_shard"]}
-        assert served == {node}  # every node holds every shard (replication 3)
+
+
+def test_a_query_sees_every_write_acknowledged_before_it(loaded) -> None:
+    """Linearizable, also when a follower scans: it first waits for the leader's read point."""
+    cluster, _ = loaded
+    spec = {"prefix": "fresh/", "select": "*", "limit": 10_000}
+    for i in range(40):
+        nodes = cluster.node_ids
+        assert cluster.put(nodes[i % 3], f"fresh/{i:03d}", b"{}").status == 200
+        result = answer(cluster, nodes[(i + 1) % 3], spec)
+        assert len(result["rows"]) == i + 1, f"write {i} not seen by the query after it"
+
+
+@pytest.mark.parametrize("consistency", ["linearizable", "stale"])
+def test_scans_are_spread_over_the_replicas(loaded, consistency) -> None:
+    """4 shards, 3 nodes holding all of them: no node scans more than 2, whoever leads."""
+    cluster, docs = loaded
+    spec = {"prefix": PREFIX, "aggregates": {"n": {"fn": "count"}}, "consistency": consistency}
+    for node in cluster.node_ids:
+        result = answer(cluster, node, spec)
+        assert result["groups"][0]["aggregates"]["n"] == len(json_docs(docs)) + 5
+        scans = Counter(s["node"] for s in result["stats"]["per_shard"])
+        assert len(scans) == 3
+        assert max(scans.values()) == 2
 
 
 @pytest.mark.parametrize(

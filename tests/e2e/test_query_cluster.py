@@ -517,3 +517,51 @@ def test_kvctl_query_prints_a_table(loaded) -> None:
     assert "CITY" in result.stdout
     assert all(city in result.stdout for city in CITIES)
     assert "4 shards" in result.stdout
+
+
+# ---- a server-side plugin, installed as a real entry point ------------------------------------
+
+PLUGIN_MODULE = """
+from kvstore.query.plugins import Plugin
+
+
+def square(key, document):
+    n = document.get("n") if isinstance(document, dict) else None
+    return n * n if type(n) is int else None
+
+
+SUM_OF_SQUARES = Plugin(map_fn=square, reduce_fn=lambda a, b: a + b)
+"""
+
+
+def test_an_installed_plugin_runs_on_every_shard(tmp_path: Path, monkeypatch) -> None:
+    """The plugin is a real installed distribution (a dist-info with an entry point) on the
+    nodes' PYTHONPATH; code never comes from the request."""
+    site = tmp_path / "site"
+    info = site / "kv_test_plugin-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kv-test-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[pyraftkv.query]\nsum_of_squares = kv_test_plugin:SUM_OF_SQUARES\n"
+    )
+    (site / "kv_test_plugin.py").write_text(PLUGIN_MODULE)
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    cluster = KVCluster(tmp_path / "cluster", nodes=3, shards=3, replication=2)
+    try:
+        docs = {f"p/{i:03d}": {"n": i, "odd": i % 2 == 1} for i in range(60)}
+        load(cluster, docs)
+        spec = {
+            "prefix": "p/",
+            "group_by": ["odd"],
+            "aggregates": {"ssq": {"fn": "plugin", "plugin": "sum_of_squares"}},
+        }
+        groups = answer(cluster, 2, spec)["groups"]
+        assert groups == [
+            {"group": {"odd": False}, "aggregates": {"ssq": sum(i * i for i in range(0, 60, 2))}},
+            {"group": {"odd": True}, "aggregates": {"ssq": sum(i * i for i in range(1, 60, 2))}},
+        ]
+        unknown = query(cluster, 1, {"aggregates": {"x": {"fn": "plugin", "plugin": "nope"}}})
+        assert unknown.status == 400
+        assert "sum_of_squares" in unknown.json()["error"]["message"]  # lists what is installed
+    finally:
+        cluster.stop()

@@ -247,8 +247,28 @@ class KVStateMachine:
             applied, _ = self._read_meta(txn)
 
             def rows_from(low: str) -> Iterator[tuple[str, bytes]]:
-                first = self._prefix + low.encode()[:_INLINE_KEY_BYTES]  # at or before `low`
-                for key, _version, value in self._records(txn.cursor(db=self._data), first):
+                # The scan loop of queries, so _records with _open inlined for short keys (a
+                # long key hands the rest of the scan to _records, which sorts their runs).
+                prefix, header, digest = self._prefix, _RECORD.size, xxhash.xxh64_intdigest
+                unpack = _RECORD.unpack_from
+                cursor = txn.cursor(db=self._data)
+                if not cursor.set_range(self._prefix + low.encode()[:_INLINE_KEY_BYTES]):
+                    return
+                for stored, raw in cursor.iternext():
+                    if not stored.startswith(prefix):
+                        return
+                    if len(stored) == _LONG_LMDB_KEY_BYTES:  # the first of its run: hand over
+                        for key, _version, value in self._records(
+                            txn.cursor(db=self._data), stored
+                        ):
+                            yield key.decode(), value
+                        return
+                    if len(raw) < header:
+                        self._open(stored, raw)  # raises CorruptValueError: truncated
+                    key, value = stored[_SHARD_BYTES:], raw[header:]
+                    version, checksum = unpack(raw)
+                    if digest(key + value, version) != checksum:
+                        self._open(stored, raw)  # raises CorruptValueError, saying why
                     yield key.decode(), value
 
             yield ReadView(applied, rows_from)

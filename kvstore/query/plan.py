@@ -323,9 +323,18 @@ def _pre_aggregate(
                 assert isinstance(state, Count), state
                 state.add_rows(matched)
         return AggregatesPartial(plan.shard, grouped, counters.take())
+    # Group values repeat: a string's group key is built once (only strings: in a dict,
+    # True == 1 == 1.0, and those must stay apart).
+    string_keys: dict[str, GroupKey] = {}
     for key, _raw, document in _matching(plan.spec, compiled, rows, counters):
         if len(group_getters) == 1:
-            group_key: GroupKey = (_group_text(group_getters[0](key, document)),)
+            value = group_getters[0](key, document)
+            if type(value) is str:
+                group_key = string_keys.get(value) or string_keys.setdefault(
+                    value, (_group_text(value),)
+                )
+            else:
+                group_key = (_group_text(value),)
         else:
             group_key = tuple(_group_text(get(key, document)) for get in group_getters)
         states = groups.get(group_key) or grouped.states_for(group_key)

@@ -3,6 +3,7 @@ each node reads. Writing files and probing ports is all it does; starting proces
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -72,17 +73,34 @@ def plan_nodes(count: int, data_dir: Path, base_port: int | None) -> list[Planne
     ]
 
 
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_PORT = 10_000
+
+
 def free_ports(count: int) -> list[int]:
-    """Ports the kernel hands out for 127.0.0.1:0, all held open at once so they differ.
-    NB: another process may take one before the node binds it; the node then fails to start
-    and `cluster up` shows its log."""
-    with ExitStack() as stack:
-        sockets = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((HOST, 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
+    """Distinct ports free right now, drawn at random below the kernel's ephemeral range: a port
+    from 127.0.0.1:0 is an ephemeral one, which any outgoing connection (ours included) may take
+    before the node binds it. NB: another process may still take one first; the node then fails
+    to start and `cluster up` shows its log."""
+    try:
+        ephemeral_low = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 0
+    if ephemeral_low - _LOWEST_PORT < 100 * count:  # no room below it: let the kernel choose
+        with ExitStack() as stack:
+            sockets = []
+            for _ in range(count):
+                sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                sock.bind((HOST, 0))
+                sockets.append(sock)
+            return [sock.getsockname()[1] for sock in sockets]
+    rng = random.SystemRandom()
+    chosen: list[int] = []
+    while len(chosen) < count:
+        port = rng.randrange(_LOWEST_PORT, ephemeral_low)
+        if port not in chosen and is_port_free(port):
+            chosen.append(port)
+    return chosen
 
 
 def is_port_free(port: int) -> bool:

@@ -28,6 +28,7 @@ from kvstore.errors import (
     KVError,
     PayloadTooLarge,
     PreconditionFailed,
+    ReplicaCorrupted,
     ShardUnavailable,
 )
 from kvstore.service import (
@@ -45,7 +46,14 @@ from kvstore.service import (
     TxnRequest,
 )
 
-__all__ = ["KV_ROUTE_PREFIX", "create_app", "error_response", "parse_txn", "txn_body_limit_bytes"]
+__all__ = [
+    "KV_ROUTE_PREFIX",
+    "create_app",
+    "error_response",
+    "parse_txn",
+    "read_body",
+    "txn_body_limit_bytes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +108,8 @@ def error_response(exc: BaseException) -> web.Response:
             extra["current_version"] = exc.current_version
         if isinstance(exc, ShardUnavailable):
             extra["retry_after_s"] = max(0, int(exc.retry_after_s))
+        if isinstance(exc, ReplicaCorrupted):
+            extra.update(shard=exc.shard_id, key=exc.key)
         return _error_json(exc.status, exc.code, exc.message, extra=extra)
     if isinstance(exc, web.HTTPException) and exc.status >= 400:
         code, message = _HTTP_EXCEPTION_CODES.get(exc.status, (f"http_{exc.status}", exc.reason))
@@ -298,7 +308,7 @@ def _context(request: web.Request, *, accepts_idempotency_key: bool) -> RequestC
     return RequestContext(hops=hops, idempotency_key=idempotency_key)
 
 
-async def _read_body(request: web.Request, limit: int, what: str) -> bytes:
+async def read_body(request: web.Request, limit: int, what: str) -> bytes:
     # Our own capped reader, so the limit is exact and the error names what was too large;
     # the Application's client_max_size only guards handlers that call request.read().
     if request.content_length is not None and request.content_length > limit:
@@ -475,7 +485,7 @@ class _Routes:
         key = _key_from_path(request, self._limits)
         if_version = _if_version(_query(request))
         ctx = _context(request, accepts_idempotency_key=True)
-        value = await _read_body(request, self._limits.max_value_bytes, "value")
+        value = await read_body(request, self._limits.max_value_bytes, "value")
         written = await self._service.put(key, value, if_version, ctx)
         return web.json_response({"key": written.key, "version": written.version})
 
@@ -516,7 +526,7 @@ class _Routes:
 
     async def txn(self, request: web.Request) -> web.Response:
         ctx = _context(request, accepts_idempotency_key=True)
-        body = await _read_body(request, txn_body_limit_bytes(self._limits), "txn body")
+        body = await read_body(request, txn_body_limit_bytes(self._limits), "txn body")
         result = await self._service.txn(parse_txn(body, self._limits), ctx)
         return web.json_response(
             {

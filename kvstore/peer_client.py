@@ -19,6 +19,7 @@ from kvstore.errors import (
     OutcomeUnknown,
     PayloadTooLarge,
     PreconditionFailed,
+    ReplicaCorrupted,
     ShardUnavailable,
     StaleShardMap,
 )
@@ -71,6 +72,8 @@ def _error_from(status: int, headers: Any, body: bytes) -> KVError:
         return PreconditionFailed(message, int(details.get("current_version", 0)))
     if code == NotLeaderHere.code:
         return NotLeaderHere(message, NodeId(int(headers.get(LEADER_HEADER, 0) or 0)))
+    if code == ReplicaCorrupted.code:  # that replica is out; the caller tries another
+        return ReplicaCorrupted(message, int(details.get("shard", -1)), str(details.get("key")))
     return _ERRORS.get(code, ShardUnavailable)(message)
 
 

@@ -36,6 +36,7 @@ from kvstore.peer_client import (
     decode_key_values,
     encode_key_values,
 )
+from kvstore.quarantine import ReplicaQuarantine
 from kvstore.service import (
     Consistency,
     KeyValue,
@@ -47,7 +48,7 @@ from kvstore.service import (
     TxnResult,
 )
 from kvstore.sharding import ShardMap, ShardSpec
-from kvstore.state_machine import KVStateMachine
+from kvstore.state_machine import CorruptValueError, KVStateMachine
 from raft.core.errors import NotLeader, ProposalDropped
 from raft.core.types import NO_NODE, NodeId
 from raft.runtime.host import OutcomeUnknown as RaftOutcomeUnknown
@@ -81,9 +82,14 @@ class Router:
         self._peers = PeerClient(request_timeout_s)
         self._client_url_overrides = client_url_overrides or {}
         self._unsafe_stale_reads = unsafe_stale_reads  # test-only fault (jepsen_like broken mode)
+        self.quarantine = ReplicaQuarantine(node_id, host)
 
     async def close(self) -> None:
         await self._peers.close()
+
+    @property
+    def host(self) -> RaftHost:
+        return self._host
 
     @property
     def shard_map(self) -> ShardMap:
@@ -161,6 +167,13 @@ class Router:
         next_cursor = encode_cursor(items[-1].key) if len(merged) > limit and items else None
         return ScanPage(items, next_cursor)
 
+    async def snapshot_shard(self, shard_id: int) -> bytes:
+        """A backup of one shard: its leader's snapshot() after a ReadIndex barrier, so it holds
+        every write acknowledged before the call."""
+        shard = self.shard_map.shard(shard_id)
+        ctx = RequestContext()
+        return await self._read(shard, Consistency.LINEARIZABLE, ctx, "snapshot", b"", _same)
+
     async def cluster_status(self) -> dict[str, Any]:
         shard_map = self.shard_map
 
@@ -227,6 +240,10 @@ class Router:
             return False, f"groups without a known leader: {sorted(leaderless)}"
         return True, "every local shard replica knows its leader"
 
+    async def ask_peer(self, node_id: NodeId, route: str, timeout_s: float) -> Any:
+        """GET /v1/internal/{route} on a peer; its JSON answer."""
+        return await self._peers.get_json(self._url_of(node_id), route, timeout_s=timeout_s)
+
     def _url_of(self, node_id: NodeId) -> str:
         """How this node reaches a peer's HTTP API (through a test proxy when configured)."""
         override = self._client_url_overrides.get(node_id)
@@ -275,6 +292,7 @@ class Router:
                 "commit_index": status.commit_index,
                 "applied_index": status.applied_index,
                 "last_index": status.last_index,
+                "quarantined": status.is_quarantined,
             }
         return {"node": self.node_id, "groups": groups}
 
@@ -327,7 +345,7 @@ class Router:
         decode: Callable[[bytes], T],
     ) -> T:
         local_ok = consistency is Consistency.STALE or self._unsafe_stale_reads
-        if local_ok and shard.id in self._shards:
+        if local_ok and self._serves_here(shard.id):
             return decode(self.read_here(shard.id, op, query))
         return await self._on_leader(
             shard,
@@ -346,22 +364,20 @@ class Router:
         await self._host.read_barrier(shard_id)  # §6.4 ReadIndex
         return decode(self.read_here(shard_id, op, query))
 
+    def _serves_here(self, shard_id: int) -> bool:
+        return shard_id in self._shards and not self.quarantine.is_quarantined(shard_id)
+
     def read_here(self, shard_id: int, op: str, query: bytes) -> bytes:
-        """Serve a read from this replica's applied state (the caller ensured consistency)."""
+        """Serve a read from this replica's applied state (the caller ensured consistency).
+        A checksum failure quarantines the replica and answers ReplicaCorrupted."""
         machine = self._shards.get(shard_id)
         if machine is None:
             raise NotLeaderHere(f"no replica of shard {shard_id} on node {self.node_id}")
-        if op == "get":
-            try:
-                key = query.decode()
-            except UnicodeDecodeError as error:
-                raise InvalidRequest("a key must be UTF-8") from error
-            found = machine.get(key)
-            return encode_key_values([found] if found else [])
-        if op == "scan":
-            prefix, start, end, after, limit = _decode_scan_query(query)
-            return encode_key_values(machine.scan(prefix, start, end, after, limit))
-        raise InvalidRequest(f"unknown read operation {op!r}")
+        self.quarantine.refuse_if_quarantined(shard_id)
+        try:
+            return _read_from(machine, op, query)
+        except CorruptValueError as error:
+            raise self.quarantine.report(shard_id, error.key, str(error)) from error
 
     async def _forward_read(
         self,
@@ -391,7 +407,7 @@ class Router:
         """A read forwarded by a peer: serve it here or pass it on towards the leader."""
         shard = self.shard_map.shard(shard_id)
         local_ok = consistency is Consistency.STALE or self._unsafe_stale_reads
-        if local_ok and shard_id in self._shards:
+        if local_ok and self._serves_here(shard_id):
             return self.read_here(shard_id, op, query)
         return await self._on_leader(
             shard,
@@ -432,7 +448,8 @@ class Router:
             if remaining <= 0:
                 break
             host = self._host
-            local = host.has_group(shard.id)
+            # A quarantined replica is no replica here: ask the others.
+            local = host.has_group(shard.id) and not self.quarantine.is_quarantined(shard.id)
             if local and (host.is_leader(shard.id) or (any_replica and shard.id in self._shards)):
                 try:
                     return await asyncio.wait_for(here(), timeout=remaining)
@@ -492,6 +509,22 @@ class Router:
         return others[attempt % len(others)] if others else NO_NODE
 
 
+def _read_from(machine: KVStateMachine, op: str, query: bytes) -> bytes:
+    if op == "get":
+        try:
+            key = query.decode()
+        except UnicodeDecodeError as error:
+            raise InvalidRequest("a key must be UTF-8") from error
+        found = machine.get(key)
+        return encode_key_values([found] if found else [])
+    if op == "scan":
+        prefix, start, end, after, limit = _decode_scan_query(query)
+        return encode_key_values(machine.scan(prefix, start, end, after, limit))
+    if op == "snapshot":  # a backup: data and applied index from one read transaction
+        return machine.snapshot()
+    raise InvalidRequest(f"unknown read operation {op!r}")
+
+
 def _decode_scan_query(query: bytes) -> tuple[str, str | None, str | None, str | None, int]:
     try:
         prefix, start, end, after, limit = msgpack.unpackb(query)
@@ -506,6 +539,10 @@ def _decode_scan_query(query: bytes) -> tuple[str, str | None, str | None, str |
     ):
         raise InvalidRequest("malformed scan query: wrong field types")
     return prefix, start, end, after, limit
+
+
+def _same(payload: bytes) -> bytes:
+    return payload
 
 
 def _one_or_none(payload: bytes) -> KeyValue | None:

@@ -20,6 +20,8 @@ class Limits:
     max_scan_limit: int = 10_000
     default_scan_limit: int = 1000
     max_txn_ops: int = 128
+    # A restored shard travels as one Raft entry: keep it well under the transport's frame cap.
+    max_shard_backup_bytes: int = 32 << 20
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:

@@ -545,7 +545,11 @@ class _Batch:
             return Failed(FAILED_INVALID, f"not a backup of shard {machine.shard_id}: {exc}", 0)
         if self.key_count and not command.replace:
             message = f"shard {machine.shard_id} holds {self.key_count} keys; restore refused"
-            return Failed(FAILED_PRECONDITION, message + " (restore with replace=true, kvctl --replace, to overwrite)", 0)
+            return Failed(
+                FAILED_PRECONDITION,
+                message + " (restore with replace=true, kvctl --replace, to overwrite)",
+                0,
+            )
         prefix = machine._prefix
         for db in (machine._data, machine._idem, machine._idem_by_index):
             _delete_range(self.txn.cursor(db=db), prefix)

@@ -128,6 +128,11 @@ def save_command(file: Path) -> None:
     Each shard's backup is its leader's state after a linearizable read barrier: it holds every
     write acknowledged before `save` started. Shards are taken one after another, each at its
     own point in time (a transaction never spans shards, so each shard is whole).
+
+    \b
+    Examples:
+      kvctl snapshot save backup.kvsnap
+      kvctl snapshot save nightly.kvsnap --endpoints http://10.0.0.5:7001 --json
     """
     settings = settings_of(click.get_current_context())
     client = settings.client()
@@ -220,6 +225,12 @@ def restore_command(file: Path, replace: bool) -> None:
     Every shard file is checked against the manifest's sha256 before anything is sent; each node
     checks the shard's own checksum again, and the restore is verified against the manifest's
     key count and content digest. Restored keys get new versions (this cluster's Raft indexes).
+
+    \b
+    Examples:
+      kvctl cluster up --shards 8 --data-dir data/restored
+      kvctl snapshot restore backup.kvsnap --endpoints http://127.0.0.1:7101
+      kvctl snapshot restore backup.kvsnap --replace     # overwrite a cluster that has data
     """
     settings = settings_of(click.get_current_context())
     client = settings.client()

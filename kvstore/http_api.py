@@ -32,6 +32,7 @@ from kvstore.errors import (
     ShardUnavailable,
 )
 from kvstore.service import (
+    MAX_HOPS,
     CompareOp,
     CompareTarget,
     Consistency,
@@ -61,7 +62,8 @@ KV_ROUTE_PREFIX: Final = "/v1/kv/"
 MAX_VERSION: Final = 2**63 - 1
 MAX_CURSOR_BYTES: Final = 8192
 MAX_IDEMPOTENCY_KEY_CHARS: Final = 128
-MAX_HOPS: Final = 1000
+# Nodes forward over /v1/internal/*; a client's X-KV-Hops must leave one forward to the leader.
+MAX_CLIENT_HOPS: Final = MAX_HOPS - 1
 _BODY_CHUNK_BYTES: Final = 64 * 1024
 _INTERNAL_ERROR_MESSAGE: Final = "internal error; see the node log"
 
@@ -289,7 +291,7 @@ def _context(request: web.Request, *, accepts_idempotency_key: bool) -> RequestC
     hops_values = request.headers.getall("X-KV-Hops", [])
     if len(hops_values) > 1:
         raise InvalidRequest("X-KV-Hops given more than once")
-    hops = _decimal(hops_values[0], "X-KV-Hops", low=0, high=MAX_HOPS) if hops_values else 0
+    hops = _decimal(hops_values[0], "X-KV-Hops", low=0, high=MAX_CLIENT_HOPS) if hops_values else 0
     idempotency_key: str | None = None
     if accepts_idempotency_key:
         keys = request.headers.getall("Idempotency-Key", [])

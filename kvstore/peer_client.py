@@ -29,7 +29,6 @@ from raft.core.types import NO_NODE, NodeId
 HOPS_HEADER = "X-KV-Hops"
 EPOCH_HEADER = "X-KV-Map-Epoch"
 LEADER_HEADER = "X-KV-Leader"
-MAX_HOPS = 3  # any node -> replica -> leader, plus one leader change on the way
 
 
 class NotLeaderHere(KVError):

@@ -17,7 +17,17 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from kvstore.commands import Delete, Failed, Put, Txn, decode_command, encode_command
+from kvstore.commands import (
+    FAILED_INVALID,
+    FAILED_NOT_FOUND,
+    FAILED_PRECONDITION,
+    Delete,
+    Failed,
+    Put,
+    Txn,
+    decode_command,
+    encode_command,
+)
 from kvstore.errors import (
     CrossShardTxn,
     InvalidRequest,
@@ -29,7 +39,6 @@ from kvstore.errors import (
 )
 from kvstore.meta import MetaStateMachine
 from kvstore.peer_client import (
-    MAX_HOPS,
     NotLeaderHere,
     PeerClient,
     PeerUnreachable,
@@ -38,6 +47,7 @@ from kvstore.peer_client import (
 )
 from kvstore.quarantine import ReplicaQuarantine
 from kvstore.service import (
+    MAX_HOPS,
     Consistency,
     KeyValue,
     KeyVersion,
@@ -110,19 +120,15 @@ class Router:
         self, key: str, value: bytes, if_version: int | None, ctx: RequestContext
     ) -> KeyVersion:
         shard = self.shard_map.shard_for_key(key)
-        outcome = await self.propose(
-            shard.id, encode_command(Put(key, value, if_version, ctx.idempotency_key)), ctx
-        )
-        assert isinstance(outcome, KeyVersion), outcome
-        return outcome
+        command = encode_command(Put(key, value, if_version, ctx.idempotency_key))
+        outcome = await self.propose(shard.id, command, ctx, raise_failure=False)
+        return _expect(KeyVersion, outcome, ctx, {FAILED_PRECONDITION})
 
     async def delete(self, key: str, if_version: int | None, ctx: RequestContext) -> KeyVersion:
         shard = self.shard_map.shard_for_key(key)
-        outcome = await self.propose(
-            shard.id, encode_command(Delete(key, if_version, ctx.idempotency_key)), ctx
-        )
-        assert isinstance(outcome, KeyVersion), outcome
-        return outcome
+        command = encode_command(Delete(key, if_version, ctx.idempotency_key))
+        outcome = await self.propose(shard.id, command, ctx, raise_failure=False)
+        return _expect(KeyVersion, outcome, ctx, {FAILED_PRECONDITION, FAILED_NOT_FOUND})
 
     async def txn(self, request: TxnRequest, ctx: RequestContext) -> TxnResult:
         keys = {c.key for c in request.compare}
@@ -136,11 +142,9 @@ class Router:
                 f"the transaction's keys live in {len(shards)} shards ({sorted(shards)}); "
                 "a transaction must stay within one shard: split it, or choose keys of one shard"
             )
-        outcome = await self.propose(
-            shards.pop(), encode_command(Txn(request, ctx.idempotency_key)), ctx
-        )
-        assert isinstance(outcome, TxnResult), outcome
-        return outcome
+        command = encode_command(Txn(request, ctx.idempotency_key))
+        outcome = await self.propose(shards.pop(), command, ctx, raise_failure=False)
+        return _expect(TxnResult, outcome, ctx, set())  # a failed compare is a TxnResult too
 
     async def scan(
         self,
@@ -297,8 +301,11 @@ class Router:
         return {"node": self.node_id, "groups": groups}
 
     # ------------------------------------------------------------------ writes
-    async def propose(self, shard_id: int, command: bytes, ctx: RequestContext) -> object:
-        """Run a command on the shard's leader; returns its outcome or raises its failure."""
+    async def propose(
+        self, shard_id: int, command: bytes, ctx: RequestContext, *, raise_failure: bool = True
+    ) -> object:
+        """Run a command on the shard's leader; returns its outcome or raises its failure
+        (returns it, when not raise_failure)."""
         outcome = await self._on_leader(
             self.shard_map.shard(shard_id),
             ctx,
@@ -308,7 +315,7 @@ class Router:
             ),
             may_retry_remote=False,
         )
-        if isinstance(outcome, Failed):
+        if raise_failure and isinstance(outcome, Failed):
             raise outcome.to_error()
         return outcome
 
@@ -425,7 +432,9 @@ class Router:
             decode_command(command)  # refuse garbage before it takes a slot in the Raft log
         except ValueError as error:
             raise InvalidRequest(f"malformed command: {error}") from error
-        return await self.propose(shard_id, command, RequestContext(hops=hops))
+        # The outcome, failures included, goes back to the forwarding node to judge.
+        ctx = RequestContext(hops=hops)
+        return await self.propose(shard_id, command, ctx, raise_failure=False)
 
     # ------------------------------------------------------------------ leader finding
     async def _on_leader(
@@ -539,6 +548,20 @@ def _decode_scan_query(query: bytes) -> tuple[str, str | None, str | None, str |
     ):
         raise InvalidRequest("malformed scan query: wrong field types")
     return prefix, start, end, after, limit
+
+
+def _expect(kind: type[T], outcome: object, ctx: RequestContext, failures: set[str]) -> T:
+    """The outcome, when of the kind the request produces; raises the failures it can have.
+    Anything else can only be the outcome recorded for the request's Idempotency-Key by a
+    different kind of request (the state machine answers a repeated key with its record)."""
+    if isinstance(outcome, Failed) and outcome.code in {*failures, FAILED_INVALID}:
+        raise outcome.to_error()
+    if not isinstance(outcome, kind):
+        raise InvalidRequest(
+            f"Idempotency-Key {ctx.idempotency_key!r} was first used by a different kind of "
+            "request, whose outcome it holds; use a new key for a new request"
+        )
+    return outcome
 
 
 def _same(payload: bytes) -> bytes:

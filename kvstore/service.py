@@ -106,6 +106,11 @@ class TxnResult:
     results: tuple[TxnOpResult, ...] = ()
 
 
+# A request crosses at most this many node-to-node forwards (any node -> replica -> leader, plus
+# one leader change on the way); a client may claim at most MAX_HOPS - 1 already happened.
+MAX_HOPS = 3
+
+
 @dataclass(frozen=True, slots=True)
 class RequestContext:
     """Per-request facts the router needs: forwarding hops (to stop loops) and dedup key."""

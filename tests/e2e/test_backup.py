@@ -10,20 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from cli.__main__ import kvctl
 from tests.e2e.kv_cluster import KVCluster
 
 pytestmark = pytest.mark.e2e
 
 KEYS = [f"backup/{i}" for i in range(24)]
-
-
-def run_kvctl(cluster: KVCluster, *args: str) -> tuple[int, str]:
-    endpoints = ",".join(cluster.url(node) for node in cluster.node_ids)
-    result = CliRunner().invoke(kvctl, [*args, "--endpoints", endpoints], catch_exceptions=False)
-    return result.exit_code, result.stdout + result.stderr
 
 
 class Writer:
@@ -71,9 +63,9 @@ def test_a_backup_taken_under_writes_restores_into_a_new_cluster_key_by_key(
             while len(writer.acknowledged) < 200 and time.monotonic() < deadline:
                 time.sleep(0.05)
             save_started = time.monotonic()
-            exit_code, output = run_kvctl(source, "snapshot", "save", str(backup))
+            exit_code, output, errors = source.kvctl("snapshot", "save", str(backup))
             save_ended = time.monotonic()
-            assert exit_code == 0, output
+            assert exit_code == 0, output + errors
             time.sleep(0.5)  # writes keep coming after the save: they must not be in it
         acknowledged_during = sum(
             save_started <= t <= save_ended for t in writer.acknowledged.values()
@@ -85,8 +77,8 @@ def test_a_backup_taken_under_writes_restores_into_a_new_cluster_key_by_key(
 
     target = KVCluster(tmp_path / "target", nodes=3, shards=4)
     try:
-        exit_code, output = run_kvctl(target, "snapshot", "restore", str(backup))
-        assert exit_code == 0, output
+        exit_code, output, errors = target.kvctl("snapshot", "restore", str(backup))
+        assert exit_code == 0, output + errors
         assert "checksums match" in output
         for key in KEYS:
             # Every write acknowledged before the save started is there (or a later one of the
@@ -112,13 +104,13 @@ def test_a_backup_taken_under_writes_restores_into_a_new_cluster_key_by_key(
             assert writer.started[restored][1] < save_ended, (
                 f"{key}: {restored} began after the save"
             )
-        exit_code, output = run_kvctl(target, "check")
-        assert exit_code == 0, output
+        exit_code, output, errors = target.kvctl("check")
+        assert exit_code == 0, output + errors
         # A second restore into the now non-empty cluster is refused unless --replace.
-        exit_code, output = run_kvctl(target, "snapshot", "restore", str(backup))
-        assert exit_code == 3, output
-        exit_code, output = run_kvctl(target, "snapshot", "restore", str(backup), "--replace")
-        assert exit_code == 0, output
+        exit_code, output, errors = target.kvctl("snapshot", "restore", str(backup))
+        assert exit_code == 3, output + errors
+        exit_code, output, errors = target.kvctl("snapshot", "restore", str(backup), "--replace")
+        assert exit_code == 0, output + errors
     finally:
         target.stop()
     assert len(writer.acknowledged) >= 200, "the writer barely ran"
@@ -133,14 +125,14 @@ def test_a_damaged_backup_file_is_refused_before_anything_is_sent(tmp_path: Path
     try:
         for key in KEYS:
             assert cluster.put(1, key, b"v").status == 200
-        exit_code, output = run_kvctl(cluster, "snapshot", "save", str(backup))
-        assert exit_code == 0, output
+        exit_code, output, errors = cluster.kvctl("snapshot", "save", str(backup))
+        assert exit_code == 0, output + errors
         content = bytearray(backup.read_bytes())
         offset = content.index(b"backup/3")  # inside a shard file, not the manifest
         content[offset] ^= 0x01
         backup.write_bytes(bytes(content))
-        exit_code, output = run_kvctl(cluster, "snapshot", "restore", str(backup), "--replace")
-        assert exit_code == 2, output
-        assert "sha256" in output
+        exit_code, output, errors = cluster.kvctl("snapshot", "restore", str(backup), "--replace")
+        assert exit_code == 2, output + errors
+        assert "sha256" in errors
     finally:
         cluster.stop()

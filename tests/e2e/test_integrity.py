@@ -12,9 +12,7 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from click.testing import CliRunner
 
-from cli.__main__ import kvctl
 from tests.e2e.kv_cluster import KVCluster, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -55,12 +53,6 @@ def flip_stored_value(lmdb_dir: Path, key: bytes) -> int:
     return int.from_bytes(stored[:SHARD_PREFIX_BYTES], "big")
 
 
-def run_kvctl(cluster: KVCluster, *args: str) -> tuple[int, str]:
-    endpoints = ",".join(cluster.url(node) for node in cluster.node_ids)
-    result = CliRunner().invoke(kvctl, [*args, "--endpoints", endpoints], catch_exceptions=False)
-    return result.exit_code, result.stdout
-
-
 def metric(cluster: KVCluster, node_id: int, name: str, shard: int) -> float | None:
     text = cluster.request(node_id, "GET", "/metrics").body.decode()
     found = re.search(rf'^{name}{{shard="{shard}"}} (\S+)$', text, re.MULTILINE)
@@ -80,8 +72,8 @@ def test_a_flipped_byte_in_one_replica_is_named_there_while_the_others_serve_cor
         expected[canary] = b"canary " + secrets.token_hex(32).encode()
         for key, value in expected.items():
             assert cluster.put(1, key, value).status == 200
-        exit_code, output = run_kvctl(cluster, "check", "--json")
-        assert exit_code == 0, output
+        exit_code, output, errors = cluster.kvctl("check", "--json")
+        assert exit_code == 0, output + errors
         assert all(s["status"] == "consistent" for s in json.loads(output)["shards"])
 
         victim = 2
@@ -103,8 +95,8 @@ def test_a_flipped_byte_in_one_replica_is_named_there_while_the_others_serve_cor
         assert (metric(cluster, victim, "kv_checksum_failures_total", shard) or 0) >= 1
 
         # kvctl check names the shard, the node and the key, and exits 6.
-        exit_code, output = run_kvctl(cluster, "check", "--json")
-        assert exit_code == 6, output
+        exit_code, output, errors = cluster.kvctl("check", "--json")
+        assert exit_code == 6, output + errors
         report = json.loads(output)
         assert report["divergent"] == [shard]
         (checked,) = [s for s in report["shards"] if s["shard"] == shard]

@@ -11,7 +11,7 @@ from kvstore.consistency_check import ConsistencyChecker
 from kvstore.errors import InvalidRequest, NotFound, ShardUnavailable
 from kvstore.router import Router
 from kvstore.service import RequestContext
-from kvstore.state_machine import backup_summary
+from kvstore.shard_snapshot import backup_summary
 
 
 class NodeAdmin:

@@ -12,10 +12,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Sequence
 from operator import itemgetter
-from typing import Any
 
 import lmdb
-import msgpack
 import xxhash
 
 from kvstore.commands import (
@@ -46,6 +44,7 @@ from kvstore.service import (
     TxnOpResult,
     TxnResult,
 )
+from kvstore.shard_snapshot import content_digest, encode_shard_snapshot, parse_shard_snapshot
 from raft.core.messages import Entry, EntryKind, Snapshot
 from raft.core.types import LogIndex
 
@@ -65,8 +64,6 @@ _RECORD = struct.Struct(">QQ")
 _KEY_LENGTH = struct.Struct(">I")  # long keys only: the full key follows the record header
 _META = struct.Struct(">QQ")  # applied index, key count; then their xxh64 seeded with the shard
 _META_NAME = "(shard metadata)"  # what CorruptValueError names for a bad kv.meta record
-_SNAPSHOT_DIGEST = struct.Struct(">Q")
-_SNAPSHOT_FORMAT = 1
 _HASHED_RECORD = struct.Struct(">IQI")  # key length, version, value length; then key, value
 _MAX_U64 = (1 << 64) - 1
 
@@ -175,8 +172,7 @@ class KVStateMachine:
                     if not stored.startswith(self._prefix):
                         break
                     idem.append(self._open(stored, raw))
-        payload: bytes = msgpack.packb((_SNAPSHOT_FORMAT, self.shard_id, applied, data, idem))
-        return _SNAPSHOT_DIGEST.pack(xxhash.xxh64_intdigest(payload)) + payload
+        return encode_shard_snapshot(self.shard_id, applied, data, idem)
 
     def restore(self, txn: lmdb.Transaction[bytes], snapshot: Snapshot) -> None:
         """Replace this shard's state (and only this shard's) by `snapshot`."""
@@ -430,57 +426,10 @@ class KVStateMachine:
     def _parse_snapshot(
         self, snapshot: Snapshot
     ) -> tuple[list[tuple[bytes, int, bytes]], list[tuple[bytes, int, bytes]]]:
-        applied, data, idem = _parse_blob(snapshot.data, self.shard_id)
+        applied, data, idem = parse_shard_snapshot(snapshot.data, self.shard_id)
         if applied != snapshot.meta.index:
             raise ValueError(f"snapshot data is at index {applied}, not {snapshot.meta.index}")
         return data, idem
-
-
-def _parse_blob(
-    blob: bytes, shard_id: int
-) -> tuple[int, list[tuple[bytes, int, bytes]], list[tuple[bytes, int, bytes]]]:
-    """(applied index, data, idempotency records) of a KVStateMachine.snapshot() blob of
-    shard_id, checksum verified; ValueError otherwise."""
-    if len(blob) < _SNAPSHOT_DIGEST.size:
-        raise ValueError("snapshot too short")
-    payload = blob[_SNAPSHOT_DIGEST.size :]
-    if xxhash.xxh64_intdigest(payload) != _SNAPSHOT_DIGEST.unpack_from(blob)[0]:
-        raise ValueError(f"shard {shard_id}: snapshot failed its checksum")
-    try:
-        form, blob_shard_id, applied, data, idem = msgpack.unpackb(payload, use_list=False)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"shard {shard_id}: malformed snapshot: {exc}") from exc
-    if form != _SNAPSHOT_FORMAT or blob_shard_id != shard_id:
-        raise ValueError(f"snapshot of shard {blob_shard_id} (format {form}), not {shard_id}")
-    if type(applied) is not int or not isinstance(data, tuple) or not isinstance(idem, tuple):
-        raise ValueError(f"shard {shard_id}: malformed snapshot header")
-    return applied, [_triple(item) for item in data], [_triple(item) for item in idem]
-
-
-def backup_summary(blob: bytes, shard_id: int) -> tuple[int, int, int]:
-    """(applied index, key count, content digest) of a snapshot() blob of shard_id, the
-    facts a backup manifest records; ValueError unless the blob is intact and of that shard."""
-    applied, data, _ = _parse_blob(blob, shard_id)
-    return applied, len(data), _content_digest(data)
-
-
-def _content_digest(data: Sequence[tuple[bytes, int, bytes]]) -> int:
-    """xxh64 over every (key, value) in key order, versions left out: a restore keeps the
-    data but gives every key a new version."""
-    hasher = xxhash.xxh64()
-    for key, _, value in data:
-        hasher.update(_KEY_LENGTH.pack(len(key)) + key + _KEY_LENGTH.pack(len(value)))
-        hasher.update(value)
-    return hasher.intdigest()
-
-
-def _triple(item: Any) -> tuple[bytes, int, bytes]:
-    if not isinstance(item, tuple) or len(item) != 3:
-        raise ValueError(f"malformed snapshot record {item!r:.100}")
-    key, number, blob = item
-    if not (isinstance(key, bytes) and isinstance(number, int) and isinstance(blob, bytes)):
-        raise ValueError(f"malformed snapshot record {item!r:.100}")
-    return key, number, blob
 
 
 def _delete_range(cursor: lmdb.Cursor[bytes], prefix: bytes) -> None:
@@ -540,7 +489,7 @@ class _Batch:
     def _restore(self, command: RestoreShard, index: int) -> Outcome:
         machine = self.machine
         try:
-            _, data, _ = _parse_blob(command.snapshot, machine.shard_id)
+            _, data, _ = parse_shard_snapshot(command.snapshot, machine.shard_id)
         except ValueError as exc:
             return Failed(FAILED_INVALID, f"not a backup of shard {machine.shard_id}: {exc}", 0)
         if self.key_count and not command.replace:
@@ -558,7 +507,7 @@ class _Batch:
             [(_stored_key(prefix, key), _seal(key, index, value)) for key, _, value in data]
         )
         self.key_count = len(data)
-        return Restored(index, len(data), _content_digest(data))
+        return Restored(index, len(data), content_digest(data))
 
     def _put(self, command: Put, index: int) -> Outcome:
         if command.if_version is not None:

@@ -22,7 +22,7 @@ from kvstore.commands import (
     encode_outcome,
 )
 from kvstore.service import KeyValue
-from kvstore.state_machine import backup_summary
+from kvstore.shard_snapshot import backup_summary
 from tests.kvstore.test_state_machine import (
     SHARD,
     driver,

@@ -20,7 +20,7 @@ from kvstore.commands import HashCheck, ReplicaHash, encode_command
 from kvstore.errors import KVError
 from kvstore.router import Router
 from kvstore.service import RequestContext
-from kvstore.state_machine import KVStateMachine
+from kvstore.state_machine import CorruptValueError, KVStateMachine
 from raft.core.types import NodeId
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def _verdict(shard_id: int, replicas: tuple[ReplicaReport, ...]) -> tuple[str, s
 
 class ConsistencyChecker:
     def __init__(
-        self, router: Router, shards: dict[int, KVStateMachine], *, wait_s: float = 10.0
+        self, router: Router, shards: dict[int, KVStateMachine], *, wait_s: float = 5.0
     ) -> None:
         self._router = router
         self._shards = shards  # this node's replicas
@@ -138,19 +138,23 @@ class ConsistencyChecker:
         if machine is None:
             return ReplicaReport(node, "missing")
         deadline = time.monotonic() + self._wait_s
-        while True:
-            result = machine.check_result(index)
-            if result is not None:
-                if result.corrupt_key is not None:
-                    self._router.quarantine.report(
-                        shard_id, result.corrupt_key, "found by a consistency check"
-                    )
-                return replica_report(node, result)
-            if machine.applied_index() >= index:
-                return ReplicaReport(node, "missing")  # applied past it by a snapshot
-            if time.monotonic() >= deadline:
-                return ReplicaReport(node, "pending")
-            await asyncio.sleep(_POLL_INTERVAL_S)
+        try:
+            while True:
+                result = machine.check_result(index)
+                if result is not None:
+                    if result.corrupt_key is not None:
+                        self._router.quarantine.report(
+                            shard_id, result.corrupt_key, "found by a consistency check"
+                        )
+                    return replica_report(node, result)
+                if machine.applied_index() >= index:
+                    return ReplicaReport(node, "missing")  # applied past it by a snapshot
+                if time.monotonic() >= deadline:
+                    return ReplicaReport(node, "pending")
+                await asyncio.sleep(_POLL_INTERVAL_S)
+        except CorruptValueError as error:  # the shard's metadata or the stored result
+            self._router.quarantine.report(shard_id, error.key, str(error))
+            return ReplicaReport(node, "corrupt", corrupt_key=error.key)
 
     async def run_periodically(self, interval_s: float) -> None:
         """Check the shards this node leads, every interval_s, forever."""

@@ -250,7 +250,10 @@ class KVStateMachine:
             raw = txn.get(self._prefix + _INDEX.pack(index))
         if raw is None:
             return None
-        outcome = decode_outcome(raw)
+        try:
+            outcome = decode_outcome(raw)
+        except ValueError:
+            outcome = None
         if not isinstance(outcome, ReplicaHash):
             raise CorruptValueError(self.shard_id, "(check result)", "not a check result")
         return outcome

@@ -53,6 +53,14 @@ def flip_stored_value(lmdb_dir: Path, key: bytes) -> int:
     return int.from_bytes(stored[:SHARD_PREFIX_BYTES], "big")
 
 
+def leader_of(cluster: KVCluster, shard: int) -> int | None:
+    """The shard's leader, or None while a leadership change is under way."""
+    try:
+        return cluster.shard_leader(shard)
+    except AssertionError:
+        return None
+
+
 def metric(cluster: KVCluster, node_id: int, name: str, shard: int) -> float | None:
     text = cluster.request(node_id, "GET", "/metrics").body.decode()
     found = re.search(rf'^{name}{{shard="{shard}"}} (\S+)$', text, re.MULTILINE)
@@ -110,7 +118,8 @@ def test_a_flipped_byte_in_one_replica_is_named_there_while_the_others_serve_cor
         # The corrupt replica no longer leads; every node, the victim included (it forwards),
         # answers every key correctly, and the healthy replicas serve stale reads correctly.
         wait_for(
-            f"shard {shard} led by a healthy replica", lambda: cluster.shard_leader(shard) != victim
+            f"shard {shard} led by a healthy replica",
+            lambda: leader_of(cluster, shard) not in (None, victim),
         )
         for node in cluster.node_ids:
             for key, value in expected.items():
@@ -123,14 +132,11 @@ def test_a_flipped_byte_in_one_replica_is_named_there_while_the_others_serve_cor
                     assert cluster.get(node, key, consistency="stale").body == value
 
         # The periodic check on the shard's leader saw it too, and says so in its metrics.
-        wait_for(
-            "the periodic check to flag the shard",
-            lambda: (
-                metric(
-                    cluster, cluster.shard_leader(shard), "kv_consistency_check_divergent", shard
-                )
-                == 1
-            ),
-        )
+        def flagged_by_the_leader() -> bool:
+            leader = leader_of(cluster, shard)
+            divergent = "kv_consistency_check_divergent"
+            return leader is not None and metric(cluster, leader, divergent, shard) == 1
+
+        wait_for("the periodic check to flag the shard", flagged_by_the_leader)
     finally:
         cluster.stop()

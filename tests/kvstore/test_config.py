@@ -93,5 +93,5 @@ def test_the_check_interval_comes_from_integrity_then_the_environment(tmp_path, 
     assert load_config(["--config", str(path)]).check_interval_s == 2.5
     for bad in ("-1", "nan", "soon"):
         monkeypatch.setenv("KVSTORE_CHECK_INTERVAL_S", bad)
-        with pytest.raises(ConfigError, match="check_interval_s|invalid setting"):
+        with pytest.raises(ConfigError, match=r"check_interval_s|invalid setting"):
             load_config(["--config", str(path)])

@@ -21,7 +21,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from cli.client import KVClient
+from cli.client import ClusterStatus, KVClient
 from cli.errors import ClusterUnavailable, DataDiverged, InvalidUsage, KvctlError
 from cli.output import print_json, stdout_console
 from cli.settings import client_options, settings_of
@@ -119,27 +119,10 @@ def _add_file(archive: tarfile.TarFile, name: str, data: bytes) -> None:
     archive.addfile(info, io.BytesIO(data))
 
 
-@snapshot_group.command("save")
-@click.argument("file", type=_PATH)
-@client_options
-def save_command(file: Path) -> None:
-    """Write a backup of every shard to FILE (safe while clients write).
-
-    Each shard's backup is its leader's state after a linearizable read barrier: it holds every
-    write acknowledged before `save` started. Shards are taken one after another, each at its
-    own point in time (a transaction never spans shards, so each shard is whole).
-
-    \b
-    Examples:
-      kvctl snapshot save backup.kvsnap
-      kvctl snapshot save nightly.kvsnap --endpoints http://10.0.0.5:7001 --json
-    """
-    settings = settings_of(click.get_current_context())
-    client = settings.client()
-    status = client.cluster_status()
+def _write_backup(path: Path, client: KVClient, status: ClusterStatus) -> dict[str, Any]:
+    """Every shard's backup into a new tar at `path`, the manifest last; returns the manifest."""
     entries: list[dict[str, Any]] = []
-    partial = file.with_name(file.name + ".partial")
-    with tarfile.open(partial, "w") as archive:
+    with tarfile.open(path, "w") as archive:
         for shard in sorted(status["shards"], key=lambda s: s["id"]):
             backup = client.shard_backup(shard["id"])
             name = _shard_file(backup.shard_id)
@@ -165,7 +148,35 @@ def save_command(file: Path) -> None:
             "shards": entries,
         }
         _add_file(archive, MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
+@snapshot_group.command("save")
+@click.argument("file", type=_PATH)
+@client_options
+def save_command(file: Path) -> None:
+    """Write a backup of every shard to FILE (safe while clients write).
+
+    Each shard's backup is its leader's state after a linearizable read barrier: it holds every
+    write acknowledged before `save` started. Shards are taken one after another, each at its
+    own point in time (a transaction never spans shards, so each shard is whole).
+
+    \b
+    Examples:
+      kvctl snapshot save backup.kvsnap
+      kvctl snapshot save nightly.kvsnap --endpoints http://10.0.0.5:7001 --json
+    """
+    settings = settings_of(click.get_current_context())
+    client = settings.client()
+    status = client.cluster_status()
+    partial = file.with_name(file.name + ".partial")
+    try:
+        manifest = _write_backup(partial, client, status)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, file)  # a crash mid-save never leaves a file that looks complete
+    entries = manifest["shards"]
     keys = sum(entry["key_count"] for entry in entries)
     if settings.json_output:
         print_json({"file": str(file), "manifest": manifest})

@@ -6,6 +6,7 @@ import click
 
 from cli.cluster_commands import CLUSTER_COMMANDS
 from cli.data_commands import DATA_COMMANDS
+from cli.integrity_commands import INTEGRITY_COMMANDS
 from cli.query_command import query_command
 from cli.settings import ENDPOINTS_ENV, KvctlGroup, endpoints_option, json_option, timeout_option
 
@@ -22,6 +23,7 @@ Exit codes:
   3  precondition failed (--if-version mismatch, txn compare failed)
   4  cluster unavailable (no node answered, or 503), or not ready in time
   5  any other error (including a write whose outcome is unknown)
+  6  kvctl check: replicas of a shard disagree, or one failed a checksum
 
 \b
 Start here:
@@ -43,7 +45,7 @@ def kvctl() -> None:
     """kvctl: read and write keys, and run a local cluster, of the sharded Raft KV store."""
 
 
-for _command in (*DATA_COMMANDS, query_command, *CLUSTER_COMMANDS):
+for _command in (*DATA_COMMANDS, query_command, *CLUSTER_COMMANDS, *INTEGRITY_COMMANDS):
     kvctl.add_command(_command)
 
 

@@ -47,6 +47,15 @@ class ScanPage:
     next_cursor: str | None  # None: no more pages
 
 
+@dataclass(frozen=True, slots=True)
+class ShardBackup:
+    shard_id: int
+    blob: bytes  # opaque: the node checks its inner checksum on restore
+    applied_index: int
+    key_count: int
+    content_digest: str  # 16 hex digits; a restore of this blob reports the same
+
+
 class NodeStatus(TypedDict):
     id: int
     client_url: str
@@ -246,6 +255,48 @@ class KVClient:
             )
         status: ClusterStatus = answer  # type: ignore[assignment]  # checked loosely above
         return status
+
+    # -- admin ----------------------------------------------------------------------------------
+
+    def check(self) -> dict[str, Any]:
+        """Compare every shard's replicas now (POST /v1/admin/check); the raw report."""
+        response = self.request("POST", "/v1/admin/check", safe_to_retry=True)
+        answer = response.json()
+        if not isinstance(answer, dict) or not isinstance(answer.get("shards"), list):
+            raise KvctlError(f"malformed check report from {response.endpoint}: {answer!r:.200}")
+        return answer
+
+    def shard_backup(self, shard_id: int) -> ShardBackup:
+        response = self.request("GET", f"/v1/admin/snapshot/{shard_id}", safe_to_retry=True)
+        headers = response.headers
+        try:
+            backup = ShardBackup(
+                int(headers["x-kv-shard"]),
+                response.body,
+                int(headers["x-kv-applied-index"]),
+                int(headers["x-kv-key-count"]),
+                headers["x-kv-content-digest"],
+            )
+        except (KeyError, ValueError):
+            raise KvctlError(
+                f"{response.endpoint} answered a shard backup without its X-KV-* headers"
+            ) from None
+        if backup.shard_id != shard_id:
+            raise KvctlError(f"asked for shard {shard_id}'s backup, got shard {backup.shard_id}'s")
+        return backup
+
+    def restore_shard(self, shard_id: int, blob: bytes, *, replace: bool) -> dict[str, Any]:
+        response = self.request(
+            "PUT",
+            f"/v1/admin/snapshot/{shard_id}",
+            query={"replace": "true" if replace else "false"},
+            body=blob,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        answer = response.json()
+        if not isinstance(answer, dict) or "content_digest" not in answer:
+            raise KvctlError(f"malformed restore answer from {response.endpoint}: {answer!r:.200}")
+        return answer
 
     # -- transport ------------------------------------------------------------------------------
 

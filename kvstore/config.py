@@ -42,6 +42,8 @@ class NodeConfig:
     # Test-only fault: linearizable reads served by any replica without ReadIndex. Refused
     # unless the process was started with --unsafe-test-faults.
     unsafe_stale_reads: bool = False
+    # How often this node checks that the replicas of the shards it leads agree (0: never).
+    check_interval_s: float = 300.0
 
 
 def parse_address(text: str, what: str) -> tuple[str, int]:
@@ -77,6 +79,7 @@ def _query_settings(raw: dict[str, Any]) -> QuerySettings:
 
 
 _ENV_PREFIX = "KVSTORE_"
+_CHECK_INTERVAL_ENV = _ENV_PREFIX + "CHECK_INTERVAL_S"  # overrides [integrity] check_interval_s
 _OVERRIDABLE = ("node_id", "data_dir", "client_listen", "peer_listen")
 
 
@@ -118,6 +121,9 @@ def load_config(argv: list[str] | None = None) -> NodeConfig:
     cluster = raw.get("cluster", {})
     limits_raw = raw.get("limits", {})
     raft_raw = raw.get("raft", {})
+    check_interval_s = os.environ.get(_CHECK_INTERVAL_ENV) or raw.get("integrity", {}).get(
+        "check_interval_s", 300.0
+    )
     try:
         config = NodeConfig(
             node_id=NodeId(int(str(settings["node_id"]))),
@@ -144,6 +150,7 @@ def load_config(argv: list[str] | None = None) -> NodeConfig:
                 if "client_url" in route
             },
             unsafe_stale_reads=bool(raw.get("unsafe", {}).get("stale_reads", False)),
+            check_interval_s=float(check_interval_s),
         )
     except (TypeError, ValueError) as error:
         raise ConfigError(f"invalid setting: {error}") from error
@@ -152,6 +159,8 @@ def load_config(argv: list[str] | None = None) -> NodeConfig:
             "[unsafe] stale_reads makes reads non-linearizable and exists only to prove the "
             "test harness can catch it; refusing to start without --unsafe-test-faults"
         )
+    if not config.check_interval_s >= 0:  # also refuses NaN
+        raise ConfigError(f"check_interval_s must be >= 0, got {config.check_interval_s}")
     if not config.initial_nodes:
         raise ConfigError("the config needs the initial cluster: one [[cluster.nodes]] per node")
     if config.node_id not in {node.id for node in config.initial_nodes}:

@@ -7,6 +7,8 @@ KVError
 ├── PreconditionFailed        412  if_version did not match (carries the current version)
 ├── PayloadTooLarge           413  key or value over the configured limit
 ├── ShardUnavailable          503  no leader / no quorum right now; retry after `retry_after_s`
+│   └── ReplicaCorrupted      503  this node's replica of the shard failed a checksum (names the
+│                                  shard and key); it no longer serves it: other replicas do
 ├── OutcomeUnknown            504  timed out: the write may or may not have applied
 └── StaleShardMap             409  the sender's shard map is older than ours (internal)
 """
@@ -58,6 +60,15 @@ class ShardUnavailable(KVError):
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class ReplicaCorrupted(ShardUnavailable):
+    code = "replica_corrupted"
+
+    def __init__(self, message: str, shard_id: int, key: str) -> None:
+        super().__init__(message)
+        self.shard_id = shard_id
+        self.key = key
 
 
 class OutcomeUnknown(KVError):

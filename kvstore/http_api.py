@@ -28,9 +28,11 @@ from kvstore.errors import (
     KVError,
     PayloadTooLarge,
     PreconditionFailed,
+    ReplicaCorrupted,
     ShardUnavailable,
 )
 from kvstore.service import (
+    MAX_HOPS,
     CompareOp,
     CompareTarget,
     Consistency,
@@ -45,7 +47,14 @@ from kvstore.service import (
     TxnRequest,
 )
 
-__all__ = ["KV_ROUTE_PREFIX", "create_app", "error_response", "parse_txn", "txn_body_limit_bytes"]
+__all__ = [
+    "KV_ROUTE_PREFIX",
+    "create_app",
+    "error_response",
+    "parse_txn",
+    "read_body",
+    "txn_body_limit_bytes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +62,9 @@ KV_ROUTE_PREFIX: Final = "/v1/kv/"
 MAX_VERSION: Final = 2**63 - 1
 MAX_CURSOR_BYTES: Final = 8192
 MAX_IDEMPOTENCY_KEY_CHARS: Final = 128
-MAX_HOPS: Final = 1000
 MAX_QUERY_BODY_BYTES: Final = 1 << 20
+# Nodes forward over /v1/internal/*; a client's X-KV-Hops must leave one forward to the leader.
+MAX_CLIENT_HOPS: Final = MAX_HOPS - 1
 _BODY_CHUNK_BYTES: Final = 64 * 1024
 _INTERNAL_ERROR_MESSAGE: Final = "internal error; see the node log"
 
@@ -101,6 +111,8 @@ def error_response(exc: BaseException) -> web.Response:
             extra["current_version"] = exc.current_version
         if isinstance(exc, ShardUnavailable):
             extra["retry_after_s"] = max(0, int(exc.retry_after_s))
+        if isinstance(exc, ReplicaCorrupted):
+            extra.update(shard=exc.shard_id, key=exc.key)
         return _error_json(exc.status, exc.code, exc.message, extra=extra)
     if isinstance(exc, web.HTTPException) and exc.status >= 400:
         code, message = _HTTP_EXCEPTION_CODES.get(exc.status, (f"http_{exc.status}", exc.reason))
@@ -280,7 +292,7 @@ def _context(request: web.Request, *, accepts_idempotency_key: bool) -> RequestC
     hops_values = request.headers.getall("X-KV-Hops", [])
     if len(hops_values) > 1:
         raise InvalidRequest("X-KV-Hops given more than once")
-    hops = _decimal(hops_values[0], "X-KV-Hops", low=0, high=MAX_HOPS) if hops_values else 0
+    hops = _decimal(hops_values[0], "X-KV-Hops", low=0, high=MAX_CLIENT_HOPS) if hops_values else 0
     idempotency_key: str | None = None
     if accepts_idempotency_key:
         keys = request.headers.getall("Idempotency-Key", [])
@@ -299,7 +311,7 @@ def _context(request: web.Request, *, accepts_idempotency_key: bool) -> RequestC
     return RequestContext(hops=hops, idempotency_key=idempotency_key)
 
 
-async def _read_body(request: web.Request, limit: int, what: str) -> bytes:
+async def read_body(request: web.Request, limit: int, what: str) -> bytes:
     # Our own capped reader, so the limit is exact and the error names what was too large;
     # the Application's client_max_size only guards handlers that call request.read().
     if request.content_length is not None and request.content_length > limit:
@@ -480,7 +492,7 @@ class _Routes:
         key = _key_from_path(request, self._limits)
         if_version = _if_version(_query(request))
         ctx = _context(request, accepts_idempotency_key=True)
-        value = await _read_body(request, self._limits.max_value_bytes, "value")
+        value = await read_body(request, self._limits.max_value_bytes, "value")
         written = await self._service.put(key, value, if_version, ctx)
         return web.json_response({"key": written.key, "version": written.version})
 
@@ -521,7 +533,7 @@ class _Routes:
 
     async def txn(self, request: web.Request) -> web.Response:
         ctx = _context(request, accepts_idempotency_key=True)
-        body = await _read_body(request, txn_body_limit_bytes(self._limits), "txn body")
+        body = await read_body(request, txn_body_limit_bytes(self._limits), "txn body")
         result = await self._service.txn(parse_txn(body, self._limits), ctx)
         return web.json_response(
             {
@@ -532,7 +544,7 @@ class _Routes:
 
     async def query(self, request: web.Request) -> web.Response:
         ctx = _context(request, accepts_idempotency_key=False)
-        body = await _read_body(request, MAX_QUERY_BODY_BYTES, "query body")
+        body = await read_body(request, MAX_QUERY_BODY_BYTES, "query body")
         try:
             doc = json.loads(body, parse_constant=_reject_constant)
         except (ValueError, RecursionError):

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import asdict
 
 from aiohttp import web
 
-from kvstore.commands import Failed, encode_outcome
+from kvstore.commands import Failed, ReplicaHash, Restored, encode_outcome
+from kvstore.consistency_check import ConsistencyChecker
 from kvstore.errors import InvalidRequest, KVError
-from kvstore.http_api import error_response
+from kvstore.http_api import error_response, read_body, txn_body_limit_bytes
 from kvstore.peer_client import (
     EPOCH_HEADER,
     HOPS_HEADER,
@@ -18,7 +20,7 @@ from kvstore.peer_client import (
     NODE_HEADER,
     NotLeaderHere,
 )
-from kvstore.query_runner import encode_error, encode_event, shard_failure
+from kvstore.query_runner import encode_error, encode_event
 from kvstore.router import Router
 from kvstore.service import Consistency, KeyVersion, TxnResult
 
@@ -55,18 +57,21 @@ def _hops(request: web.Request) -> int:
     return int(raw)
 
 
-def add_internal_routes(app: web.Application, router: Router) -> None:
+def add_internal_routes(app: web.Application, router: Router, checker: ConsistencyChecker) -> None:
     async def propose(request: web.Request) -> web.Response:
         try:
             await _check_epoch(request, router)
+            limit = max(txn_body_limit_bytes(router.limits), router.limits.max_shard_backup_bytes)
             outcome = await router.serve_internal_propose(
-                _int_param(request, "shard"), await request.read(), _hops(request)
+                _int_param(request, "shard"),
+                await read_body(request, limit, "command"),
+                _hops(request),
             )
         except KVError as error:
             return _error(error)
         except KeyError as error:
             return _error(InvalidRequest(str(error)))
-        if not isinstance(outcome, KeyVersion | TxnResult | Failed):
+        if not isinstance(outcome, KeyVersion | TxnResult | Failed | ReplicaHash | Restored):
             raise AssertionError(f"unexpected outcome {outcome!r}")
         return web.Response(body=encode_outcome(outcome), content_type="application/msgpack")
 
@@ -122,7 +127,7 @@ def add_internal_routes(app: web.Application, router: Router) -> None:
             return response  # the coordinator went away; the scan stops with the generator
         except Exception as error:
             try:
-                failure = shard_failure(error, shard_id)
+                failure = router.scan_failure(error, shard_id)
             except Exception:
                 log.exception("query on shard %d failed", shard_id)
                 failure = KVError(f"node {router.node_id} failed the query; see its log")
@@ -139,8 +144,19 @@ def add_internal_routes(app: web.Application, router: Router) -> None:
         except KVError as error:
             return _error(error)
 
+    async def check(request: web.Request) -> web.Response:
+        """This replica's hash at a HashCheck's index (waits a while for it to apply)."""
+        try:
+            report = await checker.local_report(
+                _int_param(request, "shard"), _int_param(request, "index")
+            )
+        except KVError as error:
+            return _error(error)
+        return web.json_response(asdict(report))
+
     app.router.add_post("/v1/internal/propose", propose)
     app.router.add_post("/v1/internal/read", read)
     app.router.add_post("/v1/internal/query", query)
     app.router.add_get("/v1/internal/status", status)
     app.router.add_get("/v1/internal/shard-map", shard_map)
+    app.router.add_get("/v1/internal/check", check)

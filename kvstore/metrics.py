@@ -12,6 +12,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from kvstore.consistency_check import DIVERGENT, ConsistencyChecker
+from kvstore.quarantine import ReplicaQuarantine
 from raft.core.types import NodeId
 from raft.runtime.host import FSYNC_BUCKETS_S, RaftHost
 from raft.runtime.transport import PeerStats
@@ -67,3 +69,49 @@ class RaftCollector(Collector):
             received.add_metric([str(peer)], stats.bytes_received)
         yield sent
         yield received
+
+
+class IntegrityCollector(Collector):
+    """Checksum failures, quarantined replicas and consistency-check results of this node."""
+
+    def __init__(self, quarantine: ReplicaQuarantine, checker: ConsistencyChecker) -> None:
+        self._quarantine = quarantine
+        self._checker = checker
+
+    def collect(self) -> Iterator[Metric]:
+        quarantine, checker = self._quarantine, self._checker
+        failures = CounterMetricFamily(
+            "kv_checksum_failures",
+            "Stored records of a local replica that failed their checksum when read",
+            labels=["shard"],
+        )
+        for shard, count in sorted(quarantine.checksum_failures.items()):
+            failures.add_metric([str(shard)], count)
+        corrupted = GaugeMetricFamily(
+            "kv_replica_corrupted",
+            "1 if this node's replica of the shard is quarantined for a checksum failure",
+            labels=["shard"],
+        )
+        for shard in sorted(quarantine.corrupt_keys):
+            corrupted.add_metric([str(shard)], 1)
+        yield from (failures, corrupted)
+        yield CounterMetricFamily(
+            "kv_consistency_checks",
+            "Shard consistency checks this node ran",
+            value=checker.checks_run,
+        )
+        divergent = GaugeMetricFamily(
+            "kv_consistency_check_divergent",
+            "1 if this node's latest check of the shard found replicas that disagree or fail "
+            "a checksum, else 0",
+            labels=["shard"],
+        )
+        checked_at = GaugeMetricFamily(
+            "kv_consistency_check_timestamp_seconds",
+            "When this node last checked the shard (Unix time)",
+            labels=["shard"],
+        )
+        for shard, report in sorted(checker.last.items()):
+            divergent.add_metric([str(shard)], 1 if report.status == DIVERGENT else 0)
+            checked_at.add_metric([str(shard)], report.checked_at_s)
+        yield from (divergent, checked_at)

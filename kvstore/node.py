@@ -4,17 +4,21 @@ every local shard replica), peer transport, router and the HTTP server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 
 import prometheus_client
 from aiohttp import web
 
+from kvstore.admin import NodeAdmin
+from kvstore.admin_api import add_admin_routes
 from kvstore.config import NodeConfig
+from kvstore.consistency_check import ConsistencyChecker
 from kvstore.http_api import create_app
 from kvstore.internal_api import add_internal_routes
 from kvstore.meta import MetaStateMachine
-from kvstore.metrics import RaftCollector
+from kvstore.metrics import IntegrityCollector, RaftCollector
 from kvstore.query import PluginLoadError, PluginRegistry
 from kvstore.router import Router
 from kvstore.sharding import META_GROUP_ID, ShardMap, initial_shard_map
@@ -64,7 +68,10 @@ class KVNode:
         self.registry.register(
             RaftCollector(self.host, lambda: self.transport.stats if self.transport else {})
         )
+        self.checker = ConsistencyChecker(self.router, self.shards)
+        self.registry.register(IntegrityCollector(self.router.quarantine, self.checker))
         self._runner: web.AppRunner | None = None
+        self._periodic_check: asyncio.Task[None] | None = None
 
     def _start_groups(self) -> ShardMap:
         config = self.config
@@ -99,7 +106,8 @@ class KVNode:
         await self.transport.start()
         await self.host.start(self.transport)
         app = create_app(self.router, registry=self.registry)
-        add_internal_routes(app, self.router)
+        add_internal_routes(app, self.router, self.checker)
+        add_admin_routes(app, NodeAdmin(self.router, self.checker))
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         host, port = config.client_listen
@@ -112,8 +120,16 @@ class KVNode:
             *config.peer_listen,
             len(self.shards),
         )
+        if config.check_interval_s > 0:
+            self._periodic_check = asyncio.create_task(
+                self.checker.run_periodically(config.check_interval_s), name="consistency-check"
+            )
 
     async def stop(self) -> None:
+        if self._periodic_check is not None:
+            self._periodic_check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._periodic_check
         if self._runner is not None:
             await self._runner.cleanup()
         await self.host.stop()

@@ -22,6 +22,7 @@ from kvstore.errors import (
     OutcomeUnknown,
     PayloadTooLarge,
     PreconditionFailed,
+    ReplicaCorrupted,
     ShardUnavailable,
     StaleShardMap,
 )
@@ -32,7 +33,6 @@ HOPS_HEADER = "X-KV-Hops"
 EPOCH_HEADER = "X-KV-Map-Epoch"
 LEADER_HEADER = "X-KV-Leader"
 NODE_HEADER = "X-KV-Node"  # which node answered a streamed internal route
-MAX_HOPS = 3  # any node -> replica -> leader, plus one leader change on the way
 
 
 class NotLeaderHere(KVError):
@@ -80,6 +80,8 @@ def _error_from(status: int, headers: Any, body: bytes) -> KVError:
         return PreconditionFailed(message, int(details.get("current_version", 0)))
     if code == NotLeaderHere.code:
         return NotLeaderHere(message, NodeId(int(headers.get(LEADER_HEADER, 0) or 0)))
+    if code == ReplicaCorrupted.code:  # that replica is out; the caller tries another
+        return ReplicaCorrupted(message, int(details.get("shard", -1)), str(details.get("key")))
     return error_from_code(code, message)
 
 

@@ -31,7 +31,7 @@ from kvstore.query import PluginRegistry, ShardPlan, iter_partials
 from kvstore.query.plan import partial_from_wire, partial_to_wire
 from kvstore.query.results import Partial, RowsPartial
 from kvstore.query.spec import DEFAULT_LIMITS, QueryLimits, QuerySpec
-from kvstore.state_machine import CorruptValueError, KVStateMachine
+from kvstore.state_machine import KVStateMachine
 
 FRAME_HEADER: Final = struct.Struct(">I")
 FRAME_PARTIAL: Final = "p"
@@ -164,11 +164,10 @@ async def scan_shard(
 
 
 def shard_failure(error: BaseException, shard_id: int) -> KVError:
-    """What a failed shard scan tells the client (a bug stays a bug: it is re-raised)."""
+    """What a failed shard scan tells the client (a bug stays a bug: it is re-raised). A
+    checksum failure is the router's to handle (it quarantines the replica)."""
     if isinstance(error, KVError):
         return error
-    if isinstance(error, CorruptValueError):
-        return ShardUnavailable(f"shard {shard_id}: its data failed a checksum here: {error}")
     if isinstance(error, ValueError):  # a plan the shard refused, e.g. a plugin not installed
         return InvalidRequest(f"shard {shard_id} refused the query: {error}")
     raise error

@@ -21,7 +21,17 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from kvstore.commands import Delete, Failed, Put, Txn, decode_command, encode_command
+from kvstore.commands import (
+    FAILED_INVALID,
+    FAILED_NOT_FOUND,
+    FAILED_PRECONDITION,
+    Delete,
+    Failed,
+    Put,
+    Txn,
+    decode_command,
+    encode_command,
+)
 from kvstore.errors import (
     CrossShardTxn,
     InvalidRequest,
@@ -33,7 +43,6 @@ from kvstore.errors import (
 )
 from kvstore.meta import MetaStateMachine
 from kvstore.peer_client import (
-    MAX_HOPS,
     NotLeaderHere,
     PeerClient,
     PeerUnreachable,
@@ -41,6 +50,7 @@ from kvstore.peer_client import (
     encode_key_values,
     error_from_code,
 )
+from kvstore.quarantine import ReplicaQuarantine
 from kvstore.query import PluginRegistry, ShardPlan, merge_partials, parse_query
 from kvstore.query.results import Partial, ReadPoint, RowsPartial
 from kvstore.query.spec import QuerySpec
@@ -53,6 +63,7 @@ from kvstore.query_runner import (
     shard_failure,
 )
 from kvstore.service import (
+    MAX_HOPS,
     Consistency,
     KeyValue,
     KeyVersion,
@@ -104,10 +115,15 @@ class Router:
         self._scan_threads = concurrent.futures.ThreadPoolExecutor(
             self.query_settings.scan_threads, thread_name_prefix="query-scan"
         )
+        self.quarantine = ReplicaQuarantine(node_id, host)
 
     async def close(self) -> None:
         await self._peers.close()
         self._scan_threads.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def host(self) -> RaftHost:
+        return self._host
 
     @property
     def shard_map(self) -> ShardMap:
@@ -128,19 +144,15 @@ class Router:
         self, key: str, value: bytes, if_version: int | None, ctx: RequestContext
     ) -> KeyVersion:
         shard = self.shard_map.shard_for_key(key)
-        outcome = await self.propose(
-            shard.id, encode_command(Put(key, value, if_version, ctx.idempotency_key)), ctx
-        )
-        assert isinstance(outcome, KeyVersion), outcome
-        return outcome
+        command = encode_command(Put(key, value, if_version, ctx.idempotency_key))
+        outcome = await self.propose(shard.id, command, ctx, raise_failure=False)
+        return _expect(KeyVersion, outcome, ctx, {FAILED_PRECONDITION})
 
     async def delete(self, key: str, if_version: int | None, ctx: RequestContext) -> KeyVersion:
         shard = self.shard_map.shard_for_key(key)
-        outcome = await self.propose(
-            shard.id, encode_command(Delete(key, if_version, ctx.idempotency_key)), ctx
-        )
-        assert isinstance(outcome, KeyVersion), outcome
-        return outcome
+        command = encode_command(Delete(key, if_version, ctx.idempotency_key))
+        outcome = await self.propose(shard.id, command, ctx, raise_failure=False)
+        return _expect(KeyVersion, outcome, ctx, {FAILED_PRECONDITION, FAILED_NOT_FOUND})
 
     async def txn(self, request: TxnRequest, ctx: RequestContext) -> TxnResult:
         keys = {c.key for c in request.compare}
@@ -154,11 +166,9 @@ class Router:
                 f"the transaction's keys live in {len(shards)} shards ({sorted(shards)}); "
                 "a transaction must stay within one shard: split it, or choose keys of one shard"
             )
-        outcome = await self.propose(
-            shards.pop(), encode_command(Txn(request, ctx.idempotency_key)), ctx
-        )
-        assert isinstance(outcome, TxnResult), outcome
-        return outcome
+        command = encode_command(Txn(request, ctx.idempotency_key))
+        outcome = await self.propose(shards.pop(), command, ctx, raise_failure=False)
+        return _expect(TxnResult, outcome, ctx, set())  # a failed compare is a TxnResult too
 
     async def scan(
         self,
@@ -304,7 +314,13 @@ class Router:
         try:
             return await _ShardAnswer.collect(self.node_id, events)
         except (KVError, CorruptValueError, ValueError) as error:
-            raise shard_failure(error, plan.shard) from error
+            raise self.scan_failure(error, plan.shard) from error
+
+    def scan_failure(self, error: BaseException, shard_id: int) -> KVError:
+        """What a failed shard scan answers; a checksum failure quarantines this replica."""
+        if isinstance(error, CorruptValueError):
+            return self.quarantine.report(shard_id, error.key, str(error))
+        return shard_failure(error, shard_id)
 
     async def _query_remote(
         self,
@@ -384,6 +400,7 @@ class Router:
         machine = self._shards.get(plan.shard)
         if machine is None:
             raise NotLeaderHere(f"no replica of shard {plan.shard} on node {self.node_id}")
+        self.quarantine.refuse_if_quarantined(plan.shard)
         if plan.spec.consistency is Consistency.LINEARIZABLE:
             if follower and not self._host.is_leader(plan.shard):
                 await self._wait_applied(machine, await self._leader_read_point(plan.shard))
@@ -416,6 +433,13 @@ class Router:
                     f"the read point (applied {applied} < {index})"
                 )
             await asyncio.sleep(0.002)
+
+    async def snapshot_shard(self, shard_id: int) -> bytes:
+        """A backup of one shard: its leader's snapshot() after a ReadIndex barrier, so it holds
+        every write acknowledged before the call."""
+        shard = self.shard_map.shard(shard_id)
+        ctx = RequestContext()
+        return await self._read(shard, Consistency.LINEARIZABLE, ctx, "snapshot", b"", _same)
 
     async def cluster_status(self) -> dict[str, Any]:
         shard_map = self.shard_map
@@ -483,6 +507,10 @@ class Router:
             return False, f"groups without a known leader: {sorted(leaderless)}"
         return True, "every local shard replica knows its leader"
 
+    async def ask_peer(self, node_id: NodeId, route: str, timeout_s: float) -> Any:
+        """GET /v1/internal/{route} on a peer; its JSON answer."""
+        return await self._peers.get_json(self._url_of(node_id), route, timeout_s=timeout_s)
+
     def _url_of(self, node_id: NodeId) -> str:
         """How this node reaches a peer's HTTP API (through a test proxy when configured)."""
         override = self._client_url_overrides.get(node_id)
@@ -531,12 +559,16 @@ class Router:
                 "commit_index": status.commit_index,
                 "applied_index": status.applied_index,
                 "last_index": status.last_index,
+                "quarantined": status.is_quarantined,
             }
         return {"node": self.node_id, "groups": groups}
 
     # ------------------------------------------------------------------ writes
-    async def propose(self, shard_id: int, command: bytes, ctx: RequestContext) -> object:
-        """Run a command on the shard's leader; returns its outcome or raises its failure."""
+    async def propose(
+        self, shard_id: int, command: bytes, ctx: RequestContext, *, raise_failure: bool = True
+    ) -> object:
+        """Run a command on the shard's leader; returns its outcome or raises its failure
+        (returns it, when not raise_failure)."""
         outcome = await self._on_leader(
             self.shard_map.shard(shard_id),
             ctx,
@@ -546,7 +578,7 @@ class Router:
             ),
             may_retry_remote=False,
         )
-        if isinstance(outcome, Failed):
+        if raise_failure and isinstance(outcome, Failed):
             raise outcome.to_error()
         return outcome
 
@@ -583,7 +615,7 @@ class Router:
         decode: Callable[[bytes], T],
     ) -> T:
         local_ok = consistency is Consistency.STALE or self._unsafe_stale_reads
-        if local_ok and shard.id in self._shards:
+        if local_ok and self._serves_here(shard.id):
             return decode(self.read_here(shard.id, op, query))
         return await self._on_leader(
             shard,
@@ -602,25 +634,20 @@ class Router:
         await self._host.read_barrier(shard_id)  # §6.4 ReadIndex
         return decode(self.read_here(shard_id, op, query))
 
+    def _serves_here(self, shard_id: int) -> bool:
+        return shard_id in self._shards and not self.quarantine.is_quarantined(shard_id)
+
     def read_here(self, shard_id: int, op: str, query: bytes) -> bytes:
-        """Serve a read from this replica's applied state (the caller ensured consistency)."""
+        """Serve a read from this replica's applied state (the caller ensured consistency).
+        A checksum failure quarantines the replica and answers ReplicaCorrupted."""
         machine = self._shards.get(shard_id)
         if machine is None:
             raise NotLeaderHere(f"no replica of shard {shard_id} on node {self.node_id}")
-        if op == "get":
-            try:
-                key = query.decode()
-            except UnicodeDecodeError as error:
-                raise InvalidRequest("a key must be UTF-8") from error
-            found = machine.get(key)
-            return encode_key_values([found] if found else [])
-        if op == "scan":
-            prefix, start, end, after, limit = _decode_scan_query(query)
-            return encode_key_values(machine.scan(prefix, start, end, after, limit))
-        if op == "applied":  # a read point for a follower read
-            packed: bytes = msgpack.packb(machine.applied_index())
-            return packed
-        raise InvalidRequest(f"unknown read operation {op!r}")
+        self.quarantine.refuse_if_quarantined(shard_id)
+        try:
+            return _read_from(machine, op, query)
+        except CorruptValueError as error:
+            raise self.quarantine.report(shard_id, error.key, str(error)) from error
 
     async def _forward_read(
         self,
@@ -650,7 +677,7 @@ class Router:
         """A read forwarded by a peer: serve it here or pass it on towards the leader."""
         shard = self.shard_map.shard(shard_id)
         local_ok = consistency is Consistency.STALE or self._unsafe_stale_reads
-        if local_ok and shard_id in self._shards:
+        if local_ok and self._serves_here(shard_id):
             return self.read_here(shard_id, op, query)
         return await self._on_leader(
             shard,
@@ -668,7 +695,9 @@ class Router:
             decode_command(command)  # refuse garbage before it takes a slot in the Raft log
         except ValueError as error:
             raise InvalidRequest(f"malformed command: {error}") from error
-        return await self.propose(shard_id, command, RequestContext(hops=hops))
+        # The outcome, failures included, goes back to the forwarding node to judge.
+        ctx = RequestContext(hops=hops)
+        return await self.propose(shard_id, command, ctx, raise_failure=False)
 
     # ------------------------------------------------------------------ leader finding
     async def _on_leader(
@@ -693,7 +722,8 @@ class Router:
             if remaining <= 0:
                 break
             host = self._host
-            local = host.has_group(shard.id)
+            # A quarantined replica is no replica here: ask the others.
+            local = host.has_group(shard.id) and not self.quarantine.is_quarantined(shard.id)
             if local and (host.is_leader(shard.id) or (any_replica and shard.id in self._shards)):
                 try:
                     return await asyncio.wait_for(here(), timeout=work_timeout_s or remaining)
@@ -777,6 +807,25 @@ class _ShardAnswer:
         raise ShardUnavailable(f"node {node}'s answer ended before it was complete")
 
 
+def _read_from(machine: KVStateMachine, op: str, query: bytes) -> bytes:
+    if op == "get":
+        try:
+            key = query.decode()
+        except UnicodeDecodeError as error:
+            raise InvalidRequest("a key must be UTF-8") from error
+        found = machine.get(key)
+        return encode_key_values([found] if found else [])
+    if op == "scan":
+        prefix, start, end, after, limit = _decode_scan_query(query)
+        return encode_key_values(machine.scan(prefix, start, end, after, limit))
+    if op == "applied":  # a read point for a follower read
+        packed: bytes = msgpack.packb(machine.applied_index())
+        return packed
+    if op == "snapshot":  # a backup: data and applied index from one read transaction
+        return machine.snapshot()
+    raise InvalidRequest(f"unknown read operation {op!r}")
+
+
 def _decode_scan_query(query: bytes) -> tuple[str, str | None, str | None, str | None, int]:
     try:
         prefix, start, end, after, limit = msgpack.unpackb(query)
@@ -791,6 +840,24 @@ def _decode_scan_query(query: bytes) -> tuple[str, str | None, str | None, str |
     ):
         raise InvalidRequest("malformed scan query: wrong field types")
     return prefix, start, end, after, limit
+
+
+def _expect(kind: type[T], outcome: object, ctx: RequestContext, failures: set[str]) -> T:
+    """The outcome, when of the kind the request produces; raises the failures it can have.
+    Anything else can only be the outcome recorded for the request's Idempotency-Key by a
+    different kind of request (the state machine answers a repeated key with its record)."""
+    if isinstance(outcome, Failed) and outcome.code in {*failures, FAILED_INVALID}:
+        raise outcome.to_error()
+    if not isinstance(outcome, kind):
+        raise InvalidRequest(
+            f"Idempotency-Key {ctx.idempotency_key!r} was first used by a different kind of "
+            "request, whose outcome it holds; use a new key for a new request"
+        )
+    return outcome
+
+
+def _same(payload: bytes) -> bytes:
+    return payload
 
 
 def _one_or_none(payload: bytes) -> KeyValue | None:

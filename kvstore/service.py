@@ -20,6 +20,8 @@ class Limits:
     max_scan_limit: int = 10_000
     default_scan_limit: int = 1000
     max_txn_ops: int = 128
+    # A restored shard travels as one Raft entry: keep it well under the transport's frame cap.
+    max_shard_backup_bytes: int = 32 << 20
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -102,6 +104,11 @@ class TxnOpResult:
 class TxnResult:
     succeeded: bool
     results: tuple[TxnOpResult, ...] = ()
+
+
+# A request crosses at most this many node-to-node forwards (any node -> replica -> leader, plus
+# one leader change on the way); a client may claim at most MAX_HOPS - 1 already happened.
+MAX_HOPS = 3
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,21 +14,22 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any
 
 import lmdb
-import msgpack
 import xxhash
 
 from kvstore.commands import (
     FAILED_INVALID,
     FAILED_NOT_FOUND,
     FAILED_PRECONDITION,
-    Command,
     Delete,
     Failed,
+    HashCheck,
     Outcome,
     Put,
+    ReplicaHash,
+    Restored,
+    RestoreShard,
     Txn,
     decode_command,
     decode_outcome,
@@ -45,6 +46,7 @@ from kvstore.service import (
     TxnOpResult,
     TxnResult,
 )
+from kvstore.shard_snapshot import content_digest, encode_shard_snapshot, parse_shard_snapshot
 from raft.core.messages import Entry, EntryKind, Snapshot
 from raft.core.types import LogIndex
 
@@ -52,6 +54,8 @@ _DATA_DB = b"kv.data"  # shard + stored key -> record(version) [+ full key] + va
 _META_DB = b"kv.meta"  # shard -> (applied index, key count, checksum)
 _IDEM_DB = b"kv.idem"  # shard + stored idempotency key -> record(entry index) + outcome
 _IDEM_BY_INDEX_DB = b"kv.idem_by_index"  # shard + entry index -> idempotency key (eviction)
+_CHECK_DB = b"kv.check"  # shard + entry index of a HashCheck -> this replica's ReplicaHash
+_CHECKS_KEPT = 16  # per shard; older results are deleted when a new one is stored
 
 _SHARD = struct.Struct(">Q")
 _INDEX = struct.Struct(">Q")
@@ -62,8 +66,7 @@ _RECORD = struct.Struct(">QQ")
 _KEY_LENGTH = struct.Struct(">I")  # long keys only: the full key follows the record header
 _META = struct.Struct(">QQ")  # applied index, key count; then their xxh64 seeded with the shard
 _META_NAME = "(shard metadata)"  # what CorruptValueError names for a bad kv.meta record
-_SNAPSHOT_DIGEST = struct.Struct(">Q")
-_SNAPSHOT_FORMAT = 1
+_HASHED_RECORD = struct.Struct(">IQI")  # key length, version, value length; then key, value
 _MAX_U64 = (1 << 64) - 1
 
 # LMDB keys stop at 511 bytes. Longer keys are stored as their first 480 bytes, a 0xff marker
@@ -139,6 +142,7 @@ class KVStateMachine:
         self._meta = env.open_db(_META_DB)
         self._idem = env.open_db(_IDEM_DB)
         self._idem_by_index = env.open_db(_IDEM_BY_INDEX_DB)
+        self._checks = env.open_db(_CHECK_DB)
 
     # ------------------------------------------------------------------ StateMachine
 
@@ -178,8 +182,7 @@ class KVStateMachine:
                     if not stored.startswith(self._prefix):
                         break
                     idem.append(self._open(stored, raw))
-        payload: bytes = msgpack.packb((_SNAPSHOT_FORMAT, self.shard_id, applied, data, idem))
-        return _SNAPSHOT_DIGEST.pack(xxhash.xxh64_intdigest(payload)) + payload
+        return encode_shard_snapshot(self.shard_id, applied, data, idem)
 
     def restore(self, txn: lmdb.Transaction[bytes], snapshot: Snapshot) -> None:
         """Replace this shard's state (and only this shard's) by `snapshot`."""
@@ -280,15 +283,56 @@ class KVStateMachine:
     def data_hash(self) -> tuple[int, int]:
         """(applied index, xxh64 over every (key, version, value) in key order): replicas at the
         same applied index must agree."""
-        hasher = xxhash.xxh64()
-        header = struct.Struct(">IQI")
         with self._env.begin() as txn:
             applied, _ = self._read_meta(txn)
-            for key, version, value in self._records(txn.cursor(db=self._data), self._prefix):
-                hasher.update(header.pack(len(key), version, len(value)))
-                hasher.update(key)
-                hasher.update(value)
-        return applied, hasher.intdigest()
+            return applied, self._hash_data(txn)[1]
+
+    def check_result(self, index: int) -> ReplicaHash | None:
+        """What this replica found applying the HashCheck at `index` (None: not applied here,
+        or dropped as one of the older results)."""
+        with self._env.begin(db=self._checks) as txn:
+            raw = txn.get(self._prefix + _INDEX.pack(index))
+        if raw is None:
+            return None
+        try:
+            outcome = decode_outcome(raw)
+        except ValueError:
+            outcome = None
+        if not isinstance(outcome, ReplicaHash):
+            raise CorruptValueError(self.shard_id, "(check result)", "not a check result")
+        return outcome
+
+    def _hash_data(self, txn: lmdb.Transaction[bytes]) -> tuple[int, int]:
+        """(key count, xxh64 over every (key, version, value) in key order); CorruptValueError
+        if a record fails its checksum."""
+        hasher = xxhash.xxh64()
+        count = 0
+        for key, version, value in self._records(txn.cursor(db=self._data), self._prefix):
+            hasher.update(_HASHED_RECORD.pack(len(key), version, len(value)))
+            hasher.update(key)
+            hasher.update(value)
+            count += 1
+        return count, hasher.intdigest()
+
+    def _record_check(self, txn: lmdb.Transaction[bytes], index: int) -> ReplicaHash:
+        # NB: hashes the whole shard inside the apply transaction, pausing every group of this
+        # node for O(shard size); fine for the data sizes this store targets.
+        try:
+            key_count, digest = self._hash_data(txn)
+            result = ReplicaHash(index, key_count, digest)
+        except CorruptValueError as error:
+            result = ReplicaHash(index, 0, 0, error.key)
+        txn.put(self._prefix + _INDEX.pack(index), encode_outcome(result), db=self._checks)
+        stored: list[bytes] = []
+        cursor = txn.cursor(db=self._checks)
+        if cursor.set_range(self._prefix):
+            for stored_key in cursor.iternext(values=False):
+                if not stored_key.startswith(self._prefix):
+                    break
+                stored.append(stored_key)
+        for stored_key in stored[:-_CHECKS_KEPT]:  # oldest first (big-endian indexes)
+            txn.delete(stored_key, db=self._checks)
+        return result
 
     # ------------------------------------------------------------------ records
 
@@ -429,28 +473,10 @@ class KVStateMachine:
     def _parse_snapshot(
         self, snapshot: Snapshot
     ) -> tuple[list[tuple[bytes, int, bytes]], list[tuple[bytes, int, bytes]]]:
-        blob = snapshot.data
-        if len(blob) < _SNAPSHOT_DIGEST.size:
-            raise ValueError("snapshot too short")
-        payload = blob[_SNAPSHOT_DIGEST.size :]
-        if xxhash.xxh64_intdigest(payload) != _SNAPSHOT_DIGEST.unpack_from(blob)[0]:
-            raise ValueError(f"shard {self.shard_id}: snapshot failed its checksum")
-        try:
-            form, shard_id, applied, data, idem = msgpack.unpackb(payload, use_list=False)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"shard {self.shard_id}: malformed snapshot: {exc}") from exc
-        if form != _SNAPSHOT_FORMAT or shard_id != self.shard_id:
-            raise ValueError(f"snapshot of shard {shard_id} (format {form}), not {self.shard_id}")
+        applied, data, idem = parse_shard_snapshot(snapshot.data, self.shard_id)
         if applied != snapshot.meta.index:
             raise ValueError(f"snapshot data is at index {applied}, not {snapshot.meta.index}")
-        return [_triple(item) for item in data], [_triple(item) for item in idem]
-
-
-def _triple(item: Any) -> tuple[bytes, int, bytes]:
-    key, number, blob = item
-    if not (isinstance(key, bytes) and isinstance(number, int) and isinstance(blob, bytes)):
-        raise ValueError(f"malformed snapshot record {item!r:.100}")
-    return key, number, blob
+        return data, idem
 
 
 def _delete_range(cursor: lmdb.Cursor[bytes], prefix: bytes) -> None:
@@ -486,6 +512,10 @@ class _Batch:
             command = decode_command(entry.data)
         except ValueError as exc:  # deterministic: every replica refuses the same bytes
             return Failed(FAILED_INVALID, f"entry {index} holds no valid command: {exc}", 0)
+        if isinstance(command, HashCheck):
+            return machine._record_check(self.txn, index)
+        if isinstance(command, RestoreShard):
+            return self._restore(command, index)
         idempotency_key = command.idempotency_key
         if idempotency_key is not None:
             recorded = machine._find_outcome(self.txn, idempotency_key, index)
@@ -496,12 +526,35 @@ class _Batch:
             machine._record_outcome(self.txn, idempotency_key, index, outcome)
         return outcome
 
-    def _execute(self, command: Command, index: int) -> Outcome:
+    def _execute(self, command: Put | Delete | Txn, index: int) -> Outcome:
         if isinstance(command, Put):
             return self._put(command, index)
         if isinstance(command, Delete):
             return self._delete(command)
         return self._txn(command, index)
+
+    def _restore(self, command: RestoreShard, index: int) -> Outcome:
+        machine = self.machine
+        try:
+            _, data, _ = parse_shard_snapshot(command.snapshot, machine.shard_id)
+        except ValueError as exc:
+            return Failed(FAILED_INVALID, f"not a backup of shard {machine.shard_id}: {exc}", 0)
+        if self.key_count and not command.replace:
+            message = f"shard {machine.shard_id} holds {self.key_count} keys; restore refused"
+            return Failed(
+                FAILED_PRECONDITION,
+                message + " (restore with replace=true, kvctl --replace, to overwrite)",
+                0,
+            )
+        prefix = machine._prefix
+        for db in (machine._data, machine._idem, machine._idem_by_index):
+            _delete_range(self.txn.cursor(db=db), prefix)
+        # Versions are this log's indexes: restored keys take this entry's, so none repeats.
+        self.txn.cursor(db=machine._data).putmulti(
+            [(_stored_key(prefix, key), _seal(key, index, value)) for key, _, value in data]
+        )
+        self.key_count = len(data)
+        return Restored(index, len(data), content_digest(data))
 
     def _put(self, command: Put, index: int) -> Outcome:
         if command.if_version is not None:

@@ -94,6 +94,7 @@ class GroupStatus:
     last_index: LogIndex
     voters: tuple[NodeId, ...]
     learners: tuple[NodeId, ...]
+    is_quarantined: bool = False
 
 
 FSYNC_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -124,6 +125,10 @@ class _Group:
     reads: dict[bytes, asyncio.Future[None]] = field(default_factory=dict)  # ReadIndex asked
     reads_to_apply: list[tuple[LogIndex, asyncio.Future[None]]] = field(default_factory=list)
     snapshot_index: LogIndex = LogIndex(0)
+    # The application found this replica's state corrupt: it keeps voting and replicating
+    # (its log is sound) but never leads again; a leader hands leadership to a peer.
+    is_quarantined: bool = False
+    quarantine_ticks: int = 0
 
 
 @dataclass(slots=True)
@@ -244,6 +249,7 @@ class RaftHost:
             last_index=node.log.last_index(),
             voters=tuple(sorted(conf.voters)),
             learners=tuple(sorted(conf.learners)),
+            is_quarantined=self._group(group_id).is_quarantined,
         )
 
     def leader_id(self, group_id: int) -> NodeId:
@@ -282,6 +288,17 @@ class RaftHost:
         group.reads_new[context] = future
         self._wake.set()
         await future
+
+    def quarantine(self, group_id: int) -> None:
+        """This replica must stop leading group_id for good (until the process restarts): it
+        never campaigns again, and if it leads it hands leadership to another voter."""
+        group = self._group(group_id)
+        group.is_quarantined = True
+        group.node.may_campaign = False
+        self._wake.set()
+
+    def is_quarantined(self, group_id: int) -> bool:
+        return self._group(group_id).is_quarantined
 
     def transfer_leader(self, group_id: int, target: NodeId) -> None:
         self._group(group_id).node.transfer_leader(target)
@@ -349,6 +366,8 @@ class RaftHost:
             self._tick_due = False
             for group in self._groups.values():
                 group.node.tick()
+                if group.is_quarantined:
+                    self._hand_off_leadership(group)
         inbox, self._inbox = self._inbox, []
         for group_id, message in inbox:
             target = self._groups.get(GroupId(group_id))
@@ -366,6 +385,19 @@ class RaftHost:
             if group.reads_new:
                 self._start_reads(group)
             self._fail_reads_if_not_leader(group)
+
+    def _hand_off_leadership(self, group: _Group) -> None:
+        """A quarantined leader asks each other voter in turn to take over, one election
+        timeout each (the core abandons a transfer that long)."""
+        node = group.node
+        others = sorted(voter for voter in node.conf.voters if voter != self.config.node_id)
+        if not node.is_leader or not others:
+            return
+        turn = group.quarantine_ticks // self.config.election_timeout_ticks
+        group.quarantine_ticks += 1
+        target = others[turn % len(others)]
+        if node.lead_transferee != target:
+            node.transfer_leader(target)
 
     def _propose_queued(self, group: _Group) -> None:
         queued, group.queued = group.queued, []

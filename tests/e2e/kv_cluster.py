@@ -114,6 +114,18 @@ class KVCluster:
             node_id, "GET", f"/v1/kv/{quote(key, safe='')}?consistency={consistency}"
         )
 
+    def kvctl(self, *args: str) -> tuple[int, str, str]:
+        """Run kvctl in-process against every node; (exit code, stdout, stderr)."""
+        from click.testing import CliRunner
+
+        from cli.__main__ import kvctl
+
+        endpoints = ",".join(self.url(node) for node in self.node_ids)
+        result = CliRunner().invoke(
+            kvctl, [*args, "--endpoints", endpoints], catch_exceptions=False
+        )
+        return result.exit_code, result.stdout, result.stderr
+
     def status(self, node_id: int) -> dict[str, Any]:
         return self.request(node_id, "GET", "/v1/cluster").json()
 

@@ -10,7 +10,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from kvstore import errors
+from kvstore.admin_api import add_admin_routes
 from kvstore.http_api import create_app
+from tests.kvstore.fake_admin import FakeAdminService
 from tests.kvstore.fake_service import FakeKVService
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
@@ -30,6 +32,10 @@ EXPECTED_ERRORS: dict[tuple[str, str], set[str]] = {
     ("GET", "/health"): {"500"},
     ("GET", "/ready"): {"500", "503"},
     ("GET", "/metrics"): {"500"},
+    ("GET", "/v1/admin/check"): {"500"},
+    ("POST", "/v1/admin/check"): {"500"},
+    ("GET", "/v1/admin/snapshot/{shard}"): {"400", "404", "500", "503"},
+    ("PUT", "/v1/admin/snapshot/{shard}"): {"400", "404", "412", "413"} | SERVICE_ERRORS,
 }
 
 
@@ -60,6 +66,7 @@ def resolve(spec: dict[str, Any], node: Any) -> Any:
 
 def served_routes() -> set[tuple[str, str]]:
     app = create_app(FakeKVService(), registry=CollectorRegistry())
+    add_admin_routes(app, FakeAdminService())
     return {
         (route.method, route.resource.canonical)
         for route in app.router.routes()

@@ -10,14 +10,18 @@ import signal
 import prometheus_client
 from aiohttp import web
 
-from kvstore.config import NodeConfig
-from kvstore.http_api import create_app
-from kvstore.internal_api import add_internal_routes
+from kvstore.auth import Grants, User
+from kvstore.config import ConfigError, NodeConfig
+from kvstore.http_api import AuthSettings, create_app
+from kvstore.internal_api import PeerGuard, add_internal_routes
+from kvstore.listener import CappedTCPSite
 from kvstore.meta import MetaStateMachine
-from kvstore.metrics import RaftCollector
+from kvstore.metrics import RaftCollector, SecurityCollector
+from kvstore.peer_client import PeerClient
 from kvstore.router import Router
 from kvstore.sharding import META_GROUP_ID, ShardMap, initial_shard_map
 from kvstore.state_machine import KVStateMachine
+from kvstore.tls import client_context, http_server_context, peer_server_context
 from raft.core.messages import ConfState
 from raft.runtime.host import HostConfig, RaftHost
 from raft.runtime.transport import TcpTransport
@@ -44,6 +48,9 @@ class KVNode:
         )
         self.meta = MetaStateMachine(self.store.env)
         self.shards: dict[int, KVStateMachine] = {}
+        self._tls_client = client_context(config.tls) if config.tls else None
+        cluster_secret = config.auth.cluster_secret() if config.auth.enabled else None
+        self.peer_guard = PeerGuard(tls=config.tls is not None, cluster_secret=cluster_secret)
         self.router = Router(
             config.node_id,
             self.host,
@@ -53,6 +60,9 @@ class KVNode:
             config.request_timeout_s,
             client_url_overrides=config.client_url_overrides,
             unsafe_stale_reads=config.unsafe_stale_reads,
+            peer_client=PeerClient(
+                config.request_timeout_s, tls=self._tls_client, cluster_secret=cluster_secret
+            ),
         )
         if config.unsafe_stale_reads:
             log.warning("UNSAFE TEST FAULT ON: linearizable reads skip ReadIndex on any replica")
@@ -62,14 +72,24 @@ class KVNode:
             RaftCollector(self.host, lambda: self.transport.stats if self.transport else {})
         )
         self._runner: web.AppRunner | None = None
+        self._site: CappedTCPSite | None = None
+        self.registry.register(
+            SecurityCollector(
+                lambda: self.transport.refused_connections if self.transport else {},
+                lambda: self._site.refused if self._site else 0,
+                lambda: self.peer_guard.refused,
+            )
+        )
 
     def _start_groups(self) -> ShardMap:
         config = self.config
         self.meta.initialize(
-            initial_shard_map(list(config.initial_nodes), config.shards, config.replication)
+            initial_shard_map(list(config.initial_nodes), config.shards, config.replication),
+            self._bootstrap_users(),
         )
         shard_map = self.meta.shard_map
         assert shard_map is not None
+        self._refuse_unprotected_start(shard_map)
         if config.node_id in shard_map.meta_voters:
             self.host.add_group(
                 META_GROUP_ID,
@@ -84,6 +104,29 @@ class KVNode:
             )
         return shard_map
 
+    def _bootstrap_users(self) -> list[User]:
+        digest = self.config.auth.bootstrap_admin_token_sha256
+        if not self.config.auth.enabled or digest is None:
+            return []
+        return [User("admin", Grants(admin=True), bytes.fromhex(digest))]
+
+    def _refuse_unprotected_start(self, shard_map: ShardMap) -> None:
+        if not self.config.auth.enabled:
+            return
+        if self.config.node_id not in shard_map.meta_voters:
+            # Only metadata members hold the user table; elsewhere no token could be checked.
+            raise ConfigError(
+                f"[auth] is enabled but node {self.config.node_id} is not a member of the "
+                f"metadata group {list(shard_map.meta_voters)}; with auth on every node must "
+                "be one (clusters of at most 5 nodes for now)"
+            )
+        if not self.meta.has_admin():
+            raise ConfigError(
+                "[auth] is enabled but the user table has no admin: set "
+                "auth.bootstrap_admin_token_sha256 before the cluster's first start "
+                "(`kvctl cluster up --auth` does) so someone can manage users"
+            )
+
     async def start(self) -> None:
         shard_map = self._start_groups()
         config = self.config
@@ -92,22 +135,41 @@ class KVNode:
             for n in shard_map.nodes
             if n.id != config.node_id
         }
-        self.transport = TcpTransport(config.node_id, config.peer_listen, peers, self.host.receive)
+        self.transport = TcpTransport(
+            config.node_id,
+            config.peer_listen,
+            peers,
+            self.host.receive,
+            ssl_server=peer_server_context(config.tls) if config.tls else None,
+            ssl_client=self._tls_client,
+        )
         await self.transport.start()
         await self.host.start(self.transport)
-        app = create_app(self.router, registry=self.registry)
+        auth = AuthSettings(enabled=config.auth.enabled, directory=self.meta, admin=self.router)
+        app = create_app(self.router, registry=self.registry, auth=auth)
         add_internal_routes(app, self.router)
+        app.middlewares.append(self.peer_guard.middleware)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         host, port = config.client_listen
-        await web.TCPSite(self._runner, host, port, reuse_address=True).start()
+        self._site = CappedTCPSite(
+            self._runner,
+            host,
+            port,
+            max_connections=config.limits.max_client_connections,
+            ssl_context=http_server_context(config.tls) if config.tls else None,
+            reuse_address=True,
+        )
+        await self._site.start()
         log.info(
-            "node %d serving HTTP on %s:%d, Raft on %s:%d, %d shard replicas",
+            "node %d serving %s on %s:%d, Raft on %s:%d, %d shard replicas; auth %s",
             config.node_id,
+            "HTTPS (mutual TLS for peers)" if config.tls else "HTTP",
             host,
             port,
             *config.peer_listen,
             len(self.shards),
+            "on" if config.auth.enabled else "off",
         )
 
     async def stop(self) -> None:
@@ -124,7 +186,12 @@ async def serve(config: NodeConfig) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or until the Raft loop fails (exit 1): a node whose
     storage failed stops rather than answering every request with a timeout."""
     node = KVNode(config)
-    await node.start()
+    try:
+        await node.start()
+    except ConfigError as error:
+        log.critical("node %d refuses to start: %s", config.node_id, error)
+        await node.stop()
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from kvstore.auth import User
 from kvstore.commands import Delete, Failed, Put, Txn, decode_command, encode_command
 from kvstore.errors import (
     CrossShardTxn,
@@ -27,7 +28,13 @@ from kvstore.errors import (
     ShardUnavailable,
     StaleShardMap,
 )
-from kvstore.meta import MetaStateMachine
+from kvstore.meta import (
+    LAST_ADMIN_REFUSED,
+    MetaStateMachine,
+    check_meta_command,
+    encode_delete_user,
+    encode_put_user,
+)
 from kvstore.peer_client import (
     MAX_HOPS,
     NotLeaderHere,
@@ -46,7 +53,7 @@ from kvstore.service import (
     TxnRequest,
     TxnResult,
 )
-from kvstore.sharding import ShardMap, ShardSpec
+from kvstore.sharding import META_GROUP_ID, ShardMap, ShardSpec
 from kvstore.state_machine import KVStateMachine
 from raft.core.errors import NotLeader, ProposalDropped
 from raft.core.types import NO_NODE, NodeId
@@ -71,6 +78,7 @@ class Router:
         *,
         client_url_overrides: dict[NodeId, str] | None = None,
         unsafe_stale_reads: bool = False,
+        peer_client: PeerClient | None = None,
     ) -> None:
         self.node_id = node_id
         self.limits = limits
@@ -78,7 +86,7 @@ class Router:
         self._meta = meta
         self._shards = shards  # local replicas' state machines, by shard id
         self._timeout_s = request_timeout_s
-        self._peers = PeerClient(request_timeout_s)
+        self._peers = peer_client if peer_client is not None else PeerClient(request_timeout_s)
         self._client_url_overrides = client_url_overrides or {}
         self._unsafe_stale_reads = unsafe_stale_reads  # test-only fault (jepsen_like broken mode)
 
@@ -294,6 +302,42 @@ class Router:
             raise outcome.to_error()
         return outcome
 
+    async def propose_meta(self, command: bytes, ctx: RequestContext) -> object:
+        """Run a command on the metadata group's leader; returns its apply result."""
+        voters = self.shard_map.meta_voters
+        # A stand-in spec so _on_leader can find the meta leader as it finds a shard's.
+        meta_group = ShardSpec(META_GROUP_ID, 0, 1, voters)
+        return await self._on_leader(
+            meta_group,
+            ctx,
+            lambda: self._propose_here(META_GROUP_ID, command),
+            lambda url, hops, timeout_s: self._forward_meta(url, command, hops, timeout_s),
+            may_retry_remote=False,
+        )
+
+    async def _forward_meta(self, url: str, command: bytes, hops: int, timeout_s: float) -> object:
+        payload = await self._peers.call(
+            url,
+            "propose",
+            command,
+            hops=hops,
+            epoch=self.shard_map.epoch,
+            timeout_s=timeout_s,
+            params={"shard": str(META_GROUP_ID)},
+        )
+        return msgpack.unpackb(payload)
+
+    # ------------------------------------------------------------------ users (auth.UserAdmin)
+    async def put_user(self, user: User) -> None:
+        await self.propose_meta(encode_put_user(user), RequestContext())
+
+    async def delete_user(self, name: str) -> None:
+        result = await self.propose_meta(encode_delete_user(name), RequestContext())
+        if result == "absent":
+            raise NotFound(f"there is no user {name!r}")
+        if result == LAST_ADMIN_REFUSED:
+            raise InvalidRequest(f"user {name!r} is the last admin; add another admin first")
+
     async def _propose_here(self, shard_id: int, command: bytes) -> object:
         try:
             return await self._host.propose(shard_id, command)
@@ -405,6 +449,12 @@ class Router:
         )
 
     async def serve_internal_propose(self, shard_id: int, command: bytes, hops: int) -> object:
+        if shard_id == META_GROUP_ID:
+            try:
+                check_meta_command(command)
+            except ValueError as error:
+                raise InvalidRequest(str(error)) from error
+            return await self.propose_meta(command, RequestContext(hops=hops))
         try:
             decode_command(command)  # refuse garbage before it takes a slot in the Raft log
         except ValueError as error:

@@ -20,6 +20,10 @@ class Limits:
     max_scan_limit: int = 10_000
     default_scan_limit: int = 1000
     max_txn_ops: int = 128
+    # Protect the node from one greedy or stuck client (requests beyond: 429) and from a flood
+    # of idle sockets (connections beyond are closed at accept).
+    max_requests_in_flight_per_client: int = 256
+    max_client_connections: int = 1024
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:

@@ -23,7 +23,7 @@ class SecurityCollector(Collector):
     def __init__(
         self,
         raft_refusals: Callable[[], Mapping[str, int]],
-        http_connections_refused: Callable[[], int],
+        http_connections_refused: Callable[[], Mapping[str, int]],
         internal_calls_refused: Callable[[], int],
     ) -> None:
         self._raft_refusals = raft_refusals
@@ -40,11 +40,16 @@ class SecurityCollector(Collector):
         for reason, count in self._raft_refusals().items():
             refused.add_metric([reason], count)
         yield refused
-        yield CounterMetricFamily(
+        http_refused = CounterMetricFamily(
             "kv_http_connections_refused",
-            "HTTP connections closed at accept: limits.max_client_connections were open",
-            value=self._http_connections_refused(),
+            "HTTP connections refused, by reason (tls_handshake: a certificate the cluster CA "
+            "did not sign, or plain HTTP to the HTTPS port; too_many: over "
+            "limits.max_client_connections)",
+            labels=["reason"],
         )
+        for reason, count in self._http_connections_refused().items():
+            http_refused.add_metric([reason], count)
+        yield http_refused
         yield CounterMetricFamily(
             "kv_internal_requests_refused",
             "Requests to /v1/internal/* refused: no node certificate, or wrong cluster secret",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 
 import prometheus_client
 from aiohttp import web
@@ -24,7 +25,7 @@ from kvstore.state_machine import KVStateMachine
 from kvstore.tls import client_context, http_server_context, peer_server_context
 from raft.core.messages import ConfState
 from raft.runtime.host import HostConfig, RaftHost
-from raft.runtime.transport import TcpTransport
+from raft.runtime.transport import TcpTransport, count_handshake_failures
 from raft.storage.lmdb_log import LmdbLogStore
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,14 @@ class KVNode:
         )
         self._runner: web.AppRunner | None = None
         self._site: CappedTCPSite | None = None
+        self._http_tls_refusals = 0
         self.registry.register(
             SecurityCollector(
                 lambda: self.transport.refused_connections if self.transport else {},
-                lambda: self._site.refused if self._site else 0,
+                lambda: {
+                    "tls_handshake": self._http_tls_refusals,
+                    "too_many": self._site.refused if self._site else 0,
+                },
                 lambda: self.peer_guard.refused,
             )
         )
@@ -157,7 +162,7 @@ class KVNode:
             host,
             port,
             max_connections=config.limits.max_client_connections,
-            ssl_context=http_server_context(config.tls) if config.tls else None,
+            ssl_context=self._http_tls_context(),
             reuse_address=True,
         )
         await self._site.start()
@@ -171,6 +176,17 @@ class KVNode:
             len(self.shards),
             "on" if config.auth.enabled else "off",
         )
+
+    def _http_tls_context(self) -> ssl.SSLContext | None:
+        if self.config.tls is None:
+            return None
+        context = http_server_context(self.config.tls)
+        count_handshake_failures(context, self._note_http_tls_refusal)
+        return context
+
+    def _note_http_tls_refusal(self, error: ssl.SSLError) -> None:
+        self._http_tls_refusals += 1
+        log.warning("refused an HTTPS connection at the TLS handshake: %s", error.reason or error)
 
     async def stop(self) -> None:
         if self._runner is not None:

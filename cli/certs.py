@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,9 @@ class CertificateAuthority:
         self.cert = cert
 
     @classmethod
-    def create(cls, name: str = "pyraftkv dev CA") -> CertificateAuthority:
+    def create(cls, name: str | None = None) -> CertificateAuthority:
+        # A distinct name per CA: two dev clusters' CAs in one trust store must not collide.
+        name = name or f"pyraftkv dev CA {secrets.token_hex(4)}"
         key = ec.generate_private_key(ec.SECP256R1())
         subject = _name(name, "kvstore-ca")
         now = datetime.datetime.now(datetime.UTC)

@@ -152,6 +152,11 @@ def shards_command() -> None:
     help="new cluster: bearer tokens required; the admin token goes to DATA_DIR/admin.token",
 )
 @click.option(
+    "--encrypt",
+    is_flag=True,
+    help="new cluster: values encrypted at rest (AES-GCM, keys in DATA_DIR/encryption.keys)",
+)
+@click.option(
     "--ready-timeout",
     type=click.FloatRange(min=0),
     default=60.0,
@@ -169,6 +174,7 @@ def up_command(
     foreground: bool,
     tls: bool,
     auth: bool,
+    encrypt: bool,
     ready_timeout: float,
 ) -> None:
     """Start a local cluster of node processes on 127.0.0.1 (or restart a stopped one).
@@ -186,7 +192,9 @@ def up_command(
       kvctl cluster up --tls --auth     # HTTPS, mTLS between nodes, tokens (docs/security.md)
     """
     data_dir = data_dir or cluster_file.default_data_dir()
-    request = launcher.UpRequest(data_dir, nodes, shards, replication, base_port, tls, auth)
+    request = launcher.UpRequest(
+        data_dir, nodes, shards, replication, base_port, tls, auth, encrypt
+    )
     json_output = _json_output()
     result = launcher.start_cluster(request)
     _report_started(result, data_dir, json_output)

@@ -22,6 +22,7 @@ class NodeSecurity:
     certs_dir: Path | None = None  # TLS on: ca.pem and node{id}.pem / node{id}-key.pem here
     admin_token_sha256: str | None = None  # auth on: the bootstrap admin's token hash
     cluster_secret_file: Path | None = None  # auth on without TLS: peers' shared secret
+    encryption_key_file: Path | None = None  # values encrypted at rest with these keys
 
     def toml_lines(self, node_id: int) -> list[str]:
         lines: list[str] = []
@@ -42,6 +43,12 @@ class NodeSecurity:
             ]
             if self.cluster_secret_file is not None:
                 lines.append(f"cluster_secret_file = {toml_string(str(self.cluster_secret_file))}")
+        if self.encryption_key_file is not None:
+            lines += [
+                "",
+                "[encryption]  # AES-GCM for values at rest; rotate with `kvctl encryption`",
+                f"key_file = {toml_string(str(self.encryption_key_file))}",
+            ]
         return lines
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli import certs, cluster_file, processes
+from cli import certs, cluster_file, encryption_keys, processes
 from cli.client import ClusterStatus
 from cli.cluster_file import ClusterRecord, NodeRecord
 from cli.cluster_plan import NodeSecurity, plan_nodes, write_configs
@@ -31,6 +31,7 @@ DEFAULT_REPLICATION = 3
 CERTS_DIR = "certs"
 ADMIN_TOKEN_FILE = "admin.token"
 CLUSTER_SECRET_FILE = "cluster.secret"
+ENCRYPTION_KEY_FILE = "encryption.keys"
 TOKEN_PREFIX = "kvt_"  # as the node's tokens: greppable in logs and secret scanners
 _POLL_INTERVAL_S = 0.2
 _PROBE_TIMEOUT_S = 1.0
@@ -50,6 +51,7 @@ class UpRequest:
     base_port: int | None
     tls: bool = False  # a new cluster gets dev certificates (DATA_DIR/certs) and HTTPS
     auth: bool = False  # a new cluster gets auth on and a bootstrap admin token
+    encrypt: bool = False  # a new cluster encrypts values at rest (DATA_DIR/encryption.keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,9 +148,12 @@ def _create_security(
         if certs_dir is None:  # without TLS, peers prove themselves with a shared secret
             secret_file = root / CLUSTER_SECRET_FILE
             cluster_file.write_private(secret_file, secrets.token_urlsafe(32) + "\n")
+    key_file = root / ENCRYPTION_KEY_FILE if request.encrypt else None
+    if key_file is not None:
+        encryption_keys.rotate(key_file)
     client_pair = certs.client_cert_pair(certs_dir) if certs_dir is not None else None
     return (
-        NodeSecurity(certs_dir, admin_hash, secret_file),
+        NodeSecurity(certs_dir, admin_hash, secret_file, key_file),
         cluster_file.ClientSecurity(
             ca_file=str(certs_dir / certs.CA_FILE) if certs_dir is not None else None,
             cert_file=str(client_pair.cert_file) if client_pair else None,

@@ -13,7 +13,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from cli import certs, cluster_file
+from cli import certs, cluster_file, encryption_keys
 from cli.errors import InvalidUsage, KvctlError
 from cli.output import print_json, stdout_console
 from cli.settings import Settings, client_options, json_option, login_token_path, settings_of
@@ -122,7 +122,13 @@ def user_add_command(name: str, roles: tuple[str, ...], token_file: Path | None)
 @user_group.command("list")
 @client_options
 def user_list_command() -> None:
-    """List users and their grants (never their tokens)."""
+    """List users and their grants (never their tokens).
+
+    \b
+    Examples:
+      kvctl user list
+      kvctl user list --json | jq '.users[].name'
+    """
     settings = _settings()
     users = settings.client().list_users()
     if settings.json_output:
@@ -144,7 +150,12 @@ def user_list_command() -> None:
 @click.argument("name")
 @client_options
 def user_delete_command(name: str) -> None:
-    """Delete user NAME; its token stops working at once. The last admin cannot go."""
+    """Delete user NAME; its token stops working at once. The last admin cannot go.
+
+    \b
+    Example:
+      kvctl user delete alice
+    """
     settings = _settings()
     settings.client().delete_user(name)
     if settings.json_output:
@@ -192,7 +203,13 @@ def login_command(token_file: Path | None) -> None:
 @click.command("whoami", short_help="Show the user kvctl's token belongs to.")
 @client_options
 def whoami_command() -> None:
-    """Show the user (and grants) the current token belongs to."""
+    """Show the user (and grants) the current token belongs to.
+
+    \b
+    Examples:
+      kvctl whoami
+      kvctl whoami --token "$(cat alice.token)" --json
+    """
     settings = _settings()
     who = settings.client().whoami()
     if settings.json_output:
@@ -205,4 +222,30 @@ def whoami_command() -> None:
     )
 
 
-SECURITY_COMMANDS = (certs_group, user_group, login_command, whoami_command)
+@click.group("encryption", short_help="Manage the keys of encryption at rest.")
+def encryption_group() -> None:
+    """Manage the key file of encryption at rest (see docs/security.md)."""
+
+
+@encryption_group.command("rotate-key")
+@click.argument("key_file", metavar="FILE", type=click.Path(dir_okay=False, path_type=Path))
+@json_option()
+def rotate_key_command(key_file: Path) -> None:
+    """Add a new AES-256 key to FILE (creating it) and make it the active one.
+
+    Nodes read FILE at start: restart them (`kvctl node restart ID`) and new writes use the new
+    key, while values written before stay readable with the old ones, which FILE keeps.
+
+    \b
+    Examples:
+      kvctl encryption rotate-key data/cluster/encryption.keys
+      kvctl node restart 1 && kvctl node restart 2 && kvctl node restart 3
+    """
+    key_id = encryption_keys.rotate(key_file)
+    if _settings().json_output:
+        print_json({"file": str(key_file), "active": key_id})
+        return
+    click.echo(f"{key_file}: new active key {key_id!r}; restart the nodes to use it")
+
+
+SECURITY_COMMANDS = (certs_group, user_group, login_command, whoami_command, encryption_group)

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from kvstore.auth import Grants, User
 from kvstore.config import ConfigError, NodeConfig
+from kvstore.encryption import KeyFileError, ValueCipher, load_key_file
 from kvstore.http_api import AuthSettings, create_app
 from kvstore.internal_api import PeerGuard, add_internal_routes
 from kvstore.listener import CappedTCPSite
@@ -101,13 +102,25 @@ class KVNode:
                 self.meta,
                 bootstrap=ConfState(voters=frozenset(shard_map.meta_voters)),
             )
+        cipher = self._value_cipher()
         for shard in shard_map.shards_on(config.node_id):
-            machine = KVStateMachine(self.store.env, shard.id)
+            machine = KVStateMachine(self.store.env, shard.id, cipher=cipher)
             self.shards[shard.id] = machine
             self.host.add_group(
                 shard.id, machine, bootstrap=ConfState(voters=frozenset(shard.replicas))
             )
         return shard_map
+
+    def _value_cipher(self) -> ValueCipher | None:
+        path = self.config.encryption_key_file
+        if path is None:
+            return None
+        try:
+            cipher = load_key_file(path)
+        except KeyFileError as error:
+            raise ConfigError(str(error)) from error
+        log.info("values are encrypted at rest with key %r from %s", cipher.active_key_id, path)
+        return cipher
 
     def _bootstrap_users(self) -> list[User]:
         digest = self.config.auth.bootstrap_admin_token_sha256

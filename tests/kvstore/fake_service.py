@@ -9,6 +9,7 @@ the first outcome without writing again, even for a different request (as the st
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from collections.abc import Callable
@@ -63,6 +64,8 @@ class FakeKVService:
         default_factory=lambda: {"node_id": 1, "shards": [{"shard_id": 0, "leader_id": 1}]}
     )
     calls: list[Call] = field(default_factory=list)
+    cluster_status_gate: asyncio.Event | None = None
+    cluster_status_entered: asyncio.Queue[None] | None = None
     # Invariant: every stored version <= last_version.
     last_version: int = 0
     _data: dict[str, tuple[bytes, int]] = field(default_factory=dict)
@@ -168,6 +171,10 @@ class FakeKVService:
 
     async def cluster_status(self) -> dict[str, Any]:
         self._enter("cluster_status", None)
+        if self.cluster_status_entered is not None:
+            self.cluster_status_entered.put_nowait(None)
+        if self.cluster_status_gate is not None:  # lets a test hold requests in flight
+            await self.cluster_status_gate.wait()
         return self.status
 
     def is_ready(self) -> tuple[bool, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cli.cluster_file import write_private
 from cli.errors import KvctlError
 
 NODE_UNIT = "kvstore-node"  # the OU of node certificates (kvstore checks it on internal routes)
@@ -52,12 +52,6 @@ def _name(common_name: str, unit: str) -> x509.Name:
             x509.NameAttribute(NameOID.COMMON_NAME, common_name),
         ]
     )
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -141,12 +135,12 @@ class CertificateAuthority:
 
     def write(self, directory: Path) -> None:
         (directory / CA_FILE).write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
-        _write_private(directory / "ca-key.pem", _key_pem(self.key))
+        write_private(directory / "ca-key.pem", _key_pem(self.key))
 
 
 def write_pair(pair: CertPair, cert_pem: bytes, key_pem: bytes) -> None:
     pair.cert_file.write_bytes(cert_pem)
-    _write_private(pair.key_file, key_pem)
+    write_private(pair.key_file, key_pem)
 
 
 def init_certs(directory: Path, node_ids: list[int], *, overwrite: bool = False) -> list[Path]:

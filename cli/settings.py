@@ -67,7 +67,7 @@ class Settings:
 
     def tls_options(self) -> TlsOptions:
         """Each file from its flag, else its environment variable, else the local cluster's."""
-        recorded = _local_security().tls_options()
+        recorded = self._local_security().tls_options()
         return TlsOptions(
             self.tls_cacert or os.environ.get(CACERT_ENV) or recorded.ca_file,
             self.tls_cert or os.environ.get(CERT_ENV) or recorded.cert_file,
@@ -83,7 +83,15 @@ class Settings:
         saved = login_token_path()
         if saved.exists():
             return cluster_file.read_token(saved)
-        return _local_security().token()
+        return self._local_security().token()
+
+    def _local_security(self) -> cluster_file.ClientSecurity:
+        """The local cluster's TLS files and admin token, but only for requests to its own
+        nodes: the admin token must never travel to endpoints of another cluster."""
+        record = cluster_file.load(cluster_file.default_data_dir())
+        if record is None or not set(self.resolved_endpoints()) <= set(record.endpoints):
+            return cluster_file.ClientSecurity()
+        return record.security
 
     def client(self, *, token: str | None = None) -> KVClient:
         return KVClient(
@@ -96,11 +104,6 @@ class Settings:
 
 def login_token_path() -> Path:
     return cluster_file.default_data_dir() / LOGIN_TOKEN_FILE
-
-
-def _local_security() -> cluster_file.ClientSecurity:
-    record = cluster_file.load(cluster_file.default_data_dir())
-    return record.security if record is not None else cluster_file.ClientSecurity()
 
 
 def _normalize(endpoint: str) -> str:

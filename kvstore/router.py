@@ -316,16 +316,23 @@ class Router:
         )
 
     async def _forward_meta(self, url: str, command: bytes, hops: int, timeout_s: float) -> object:
-        payload = await self._peers.call(
+        return msgpack.unpackb(
+            await self._forward_command(url, META_GROUP_ID, command, hops, timeout_s)
+        )
+
+    async def _forward_command(
+        self, url: str, group_id: int, command: bytes, hops: int, timeout_s: float
+    ) -> bytes:
+        """POSTs a command for a group (a shard, or the metadata group) to the node at url."""
+        return await self._peers.call(
             url,
             "propose",
             command,
             hops=hops,
             epoch=self.shard_map.epoch,
             timeout_s=timeout_s,
-            params={"shard": str(META_GROUP_ID)},
+            params={"shard": str(group_id)},
         )
-        return msgpack.unpackb(payload)
 
     # ------------------------------------------------------------------ users (auth.UserAdmin)
     async def put_user(self, user: User) -> None:
@@ -349,16 +356,7 @@ class Router:
     ) -> object:
         from kvstore.commands import decode_outcome
 
-        payload = await self._peers.call(
-            url,
-            "propose",
-            command,
-            hops=hops,
-            epoch=self.shard_map.epoch,
-            timeout_s=timeout_s,
-            params={"shard": str(shard_id)},
-        )
-        return decode_outcome(payload)
+        return decode_outcome(await self._forward_command(url, shard_id, command, hops, timeout_s))
 
     # ------------------------------------------------------------------ reads
     async def _read(

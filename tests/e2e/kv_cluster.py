@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import signal
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -102,17 +103,22 @@ class KVCluster:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
         timeout_s: float = 10.0,
+        *,
+        send_default_token: bool = True,
+        context: ssl.SSLContext | None = None,
     ) -> Response:
+        """One request; over HTTPS (with `context`, else the cluster's CA and client
+        certificate) when the cluster uses TLS."""
         parts = urlsplit(self.url(node_id))
         connection: http.client.HTTPConnection
         if parts.scheme == "https":
             connection = http.client.HTTPSConnection(
-                parts.hostname, parts.port, timeout=timeout_s, context=self.tls_context
+                parts.hostname, parts.port, timeout=timeout_s, context=context or self.tls_context
             )
         else:
             connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s)
         headers = dict(headers or {})
-        if self.token is not None and "Authorization" not in headers:
+        if send_default_token and self.token is not None and "Authorization" not in headers:
             headers["Authorization"] = f"Bearer {self.token}"
         try:
             connection.request(method, path, body=body, headers=headers)

@@ -53,17 +53,10 @@ def call(
     context: ssl.SSLContext | None = None,
 ) -> Response:
     """One HTTPS request carrying exactly `token` (none at all when None)."""
-    parts = urlsplit(cluster.url(node_id))
-    connection = http.client.HTTPSConnection(
-        parts.hostname, parts.port, timeout=15, context=context or cluster.tls_context
-    )
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-    try:
-        connection.request(method, path, body=body, headers=headers)
-        response = connection.getresponse()
-        return Response(response.status, dict(response.getheaders()), response.read())
-    finally:
-        connection.close()
+    return cluster.request(
+        node_id, method, path, body, headers, 15.0, send_default_token=False, context=context
+    )
 
 
 def kv_path(key: str) -> str:

@@ -22,6 +22,7 @@ import pytest
 
 from cli import launcher
 from cli.certs import CA_FILE, init_certs, node_cert_pair
+from cli.cluster_plan import free_ports
 from tests.e2e.kv_cluster import KVCluster, Response, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -318,3 +319,92 @@ cluster_secret_file = "{secret}"
     assert node.returncode == 2, node.stderr
     assert "refuses to start" in node.stderr
     assert "no admin" in node.stderr
+
+
+def test_connections_over_the_cap_are_closed_at_accept_and_counted(tmp_path: Path) -> None:
+    """One node with limits.max_client_connections = 4: idle sockets cannot crowd it out for
+    longer than they stay open, and each refusal is counted."""
+    ports = free_ports(2)
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f"""node_id = 1
+data_dir = "{tmp_path / "data"}"
+client_listen = "127.0.0.1:{ports[0]}"
+peer_listen = "127.0.0.1:{ports[1]}"
+
+[cluster]
+shards = 1
+replication = 1
+
+[[cluster.nodes]]
+id = 1
+client_url = "http://127.0.0.1:{ports[0]}"
+peer_address = "127.0.0.1:{ports[1]}"
+
+[limits]
+max_client_connections = 4
+"""
+    )
+    log = (tmp_path / "node.log").open("w")
+    node = subprocess.Popen(
+        [sys.executable, "-m", "kvstore", "--config", str(config)], stdout=log, stderr=log
+    )
+    idle: list[socket.socket] = []
+    try:
+        url = f"http://127.0.0.1:{ports[0]}"
+        wait_for("the node to answer", lambda: http_status(url, "/health") == 200)
+        for _ in range(4):
+            idle.append(socket.create_connection(("127.0.0.1", ports[0]), timeout=15))
+            idle[-1].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # kept alive after
+            assert idle[-1].recv(12).startswith(b"HTTP/1.1 200")
+        with socket.create_connection(("127.0.0.1", ports[0]), timeout=15) as extra:
+            extra.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert closed_without_answer(extra)
+        for sock in idle:
+            sock.close()
+        idle.clear()
+        wait_for("a connection slot", lambda: http_status(url, "/health") == 200)
+        metrics = http_body(url, "/metrics")
+        assert re.search(
+            r'^kv_http_connections_refused_total\{reason="too_many"\} [1-9]', metrics, re.MULTILINE
+        ), metrics
+    finally:
+        for sock in idle:
+            sock.close()
+        node.terminate()
+        try:
+            node.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait(timeout=20)
+        log.close()
+
+
+def closed_without_answer(sock: socket.socket) -> bool:
+    """Whether the node closed the connection (cleanly or by reset) without answering."""
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def http_body(url: str, path: str) -> str:
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().read().decode()
+    finally:
+        connection.close()
+
+
+def http_status(url: str, path: str) -> int:
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().status
+    except (OSError, http.client.HTTPException):
+        return 0
+    finally:
+        connection.close()

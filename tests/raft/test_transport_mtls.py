@@ -125,3 +125,18 @@ async def test_plain_tcp_and_a_peer_without_a_certificate_are_refused_and_counte
     writer.close()
     await eventually(lambda: target.refused_connections["tls_handshake"] == 2, timeout_s=10)
     assert inbox.calls == []
+
+
+async def test_inbound_connections_over_the_cap_are_closed_and_counted(
+    make_transport: MakeTransport,
+) -> None:
+    target = await make_transport(2, Inbox(), max_inbound_connections=2)
+    host, port = target.listen_address
+    held = [await asyncio.open_connection(host, port) for _ in range(2)]
+    await eventually(lambda: len(target._inbound) == 2)
+    reader, writer = await asyncio.open_connection(host, port)
+    assert await hung_up(reader)
+    writer.close()
+    assert target.refused_connections["too_many"] == 1
+    for _, held_writer in held:
+        held_writer.close()

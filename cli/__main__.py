@@ -8,7 +8,15 @@ from cli.cluster_commands import CLUSTER_COMMANDS
 from cli.data_commands import DATA_COMMANDS
 from cli.integrity_commands import INTEGRITY_COMMANDS
 from cli.query_command import query_command
-from cli.settings import ENDPOINTS_ENV, KvctlGroup, endpoints_option, json_option, timeout_option
+from cli.security_commands import SECURITY_COMMANDS
+from cli.settings import (
+    ENDPOINTS_ENV,
+    KvctlGroup,
+    endpoints_option,
+    json_option,
+    security_options,
+    timeout_option,
+)
 
 EPILOG = f"""\b
 Where kvctl sends requests: --endpoints, else ${ENDPOINTS_ENV}, else the nodes recorded in
@@ -24,6 +32,7 @@ Exit codes:
   4  cluster unavailable (no node answered, or 503), or not ready in time
   5  any other error (including a write whose outcome is unknown)
   6  kvctl check: replicas of a shard disagree, or one failed a checksum
+  7  not authorized (401: no or bad token; 403: the token lacks the grant)
 
 \b
 Start here:
@@ -40,12 +49,19 @@ Start here:
 @endpoints_option(envvar=ENDPOINTS_ENV)
 @json_option()
 @timeout_option()
+@security_options
 @click.version_option(package_name="pyraftkv", prog_name="kvctl")
 def kvctl() -> None:
     """kvctl: read and write keys, and run a local cluster, of the sharded Raft KV store."""
 
 
-for _command in (*DATA_COMMANDS, query_command, *CLUSTER_COMMANDS, *INTEGRITY_COMMANDS):
+for _command in (
+    *DATA_COMMANDS,
+    query_command,
+    *CLUSTER_COMMANDS,
+    *INTEGRITY_COMMANDS,
+    *SECURITY_COMMANDS,
+):
     kvctl.add_command(_command)
 
 

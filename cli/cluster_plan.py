@@ -17,15 +17,53 @@ PEER_PORT_OFFSET = 100  # with --base-port P: client ports P.., peer ports P+100
 
 
 @dataclass(frozen=True, slots=True)
+class NodeSecurity:
+    """The [tls] and [auth] sections every node of a new cluster gets (None: section absent)."""
+
+    certs_dir: Path | None = None  # TLS on: ca.pem and node{id}.pem / node{id}-key.pem here
+    admin_token_sha256: str | None = None  # auth on: the bootstrap admin's token hash
+    cluster_secret_file: Path | None = None  # auth on without TLS: peers' shared secret
+    encryption_key_file: Path | None = None  # values encrypted at rest with these keys
+
+    def toml_lines(self, node_id: int) -> list[str]:
+        lines: list[str] = []
+        if self.certs_dir is not None:
+            lines += [
+                "",
+                "[tls]  # HTTPS for clients, mutual TLS between nodes",
+                f"ca_file = {toml_string(str(self.certs_dir / 'ca.pem'))}",
+                f"cert_file = {toml_string(str(self.certs_dir / f'node{node_id}.pem'))}",
+                f"key_file = {toml_string(str(self.certs_dir / f'node{node_id}-key.pem'))}",
+            ]
+        if self.admin_token_sha256 is not None:
+            lines += [
+                "",
+                "[auth]  # bearer tokens; the first admin's token hash must match in every file",
+                "enabled = true",
+                f"bootstrap_admin_token_sha256 = {toml_string(self.admin_token_sha256)}",
+            ]
+            if self.cluster_secret_file is not None:
+                lines.append(f"cluster_secret_file = {toml_string(str(self.cluster_secret_file))}")
+        if self.encryption_key_file is not None:
+            lines += [
+                "",
+                "[encryption]  # AES-GCM for values at rest; rotate with `kvctl encryption`",
+                f"key_file = {toml_string(str(self.encryption_key_file))}",
+            ]
+        return lines
+
+
+@dataclass(frozen=True, slots=True)
 class PlannedNode:
     id: int
     client_port: int
     peer_port: int
     data_dir: Path  # absolute
+    scheme: str = "http"  # https when the cluster uses TLS
 
     @property
     def client_url(self) -> str:
-        return f"http://{HOST}:{self.client_port}"
+        return f"{self.scheme}://{HOST}:{self.client_port}"
 
     @property
     def client_listen(self) -> str:
@@ -44,7 +82,9 @@ class PlannedNode:
         return self.data_dir / "node.log"
 
 
-def plan_nodes(count: int, data_dir: Path, base_port: int | None) -> list[PlannedNode]:
+def plan_nodes(
+    count: int, data_dir: Path, base_port: int | None, *, scheme: str = "http"
+) -> list[PlannedNode]:
     """Node ids 1..count, each in data_dir/node{id}, on loopback ports that are free right now."""
     if base_port is None:
         ports = free_ports(2 * count)
@@ -67,7 +107,11 @@ def plan_nodes(count: int, data_dir: Path, base_port: int | None) -> list[Planne
     root = data_dir.resolve()
     return [
         PlannedNode(
-            node_id, client_ports[node_id - 1], peer_ports[node_id - 1], root / f"node{node_id}"
+            node_id,
+            client_ports[node_id - 1],
+            peer_ports[node_id - 1],
+            root / f"node{node_id}",
+            scheme,
         )
         for node_id in range(1, count + 1)
     ]
@@ -120,6 +164,7 @@ def node_toml(
     shards: int,
     replication: int,
     written_by: str = "`kvctl cluster up`",
+    security: NodeSecurity | None = None,
 ) -> str:
     """The config one node reads; the [cluster] part is identical in every node's file."""
     lines = [
@@ -141,6 +186,8 @@ def node_toml(
             f"client_url = {toml_string(member.client_url)}",
             f"peer_address = {toml_string(member.peer_address)}",
         ]
+    if security is not None:
+        lines += security.toml_lines(node.id)
     return "\n".join(lines) + "\n"
 
 
@@ -161,8 +208,14 @@ def toml_string(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-def write_configs(nodes: Sequence[PlannedNode], *, shards: int, replication: int) -> None:
+def write_configs(
+    nodes: Sequence[PlannedNode],
+    *,
+    shards: int,
+    replication: int,
+    security: NodeSecurity | None = None,
+) -> None:
     for node in nodes:
         node.data_dir.mkdir(parents=True, exist_ok=True)
-        text = node_toml(node, nodes, shards=shards, replication=replication)
+        text = node_toml(node, nodes, shards=shards, replication=replication, security=security)
         node.config_path.write_text(text, encoding="utf-8")

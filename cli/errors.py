@@ -6,7 +6,8 @@ KvctlError                      5  anything else (bad response, 4xx/5xx not list
 ├── PreconditionFailed          3  --if-version did not match; a txn ran its failure branch
 ├── ClusterUnavailable          4  no node answered, or every node answered 503; retry later
 ├── OutcomeUnknown              5  a write was sent but no answer came back: it may have applied
-└── DataDiverged                6  `kvctl check`: replicas disagree, or one failed a checksum
+├── DataDiverged                6  `kvctl check`: replicas disagree, or one failed a checksum
+└── NotAuthorized               7  401 (no or bad token) or 403 (the token lacks the grant)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ EXIT_PRECONDITION_FAILED = 3
 EXIT_UNAVAILABLE = 4
 EXIT_OTHER = 5
 EXIT_DIVERGED = 6
+EXIT_NOT_AUTHORIZED = 7
 
 
 class KvctlError(Exception):
@@ -70,3 +72,8 @@ class OutcomeUnknown(KvctlError):
 class DataDiverged(KvctlError):
     exit_code = EXIT_DIVERGED
     code = "diverged"
+
+
+class NotAuthorized(KvctlError):
+    exit_code = EXIT_NOT_AUTHORIZED
+    code = "not_authorized"

@@ -7,7 +7,9 @@ as a command line and an HTTP API: it never imports kvstore.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
 import shlex
 import sys
 import time
@@ -15,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli import cluster_file, processes
-from cli.client import ClusterStatus, KVClient
+from cli import certs, cluster_file, encryption_keys, processes
+from cli.client import ClusterStatus
 from cli.cluster_file import ClusterRecord, NodeRecord
-from cli.cluster_plan import plan_nodes, write_configs
+from cli.cluster_plan import NodeSecurity, plan_nodes, write_configs
 from cli.errors import ClusterUnavailable, InvalidUsage, KvctlError
 
 NODE_COMMAND_ENV = "KVCTL_NODE_COMMAND"  # tests only: replaces `python -m kvstore`
@@ -26,6 +28,11 @@ NODE_ENV = {"PYTHONUNBUFFERED": "1"}  # so node.log is current when we show its 
 DEFAULT_NODES = 3
 DEFAULT_SHARDS = 8
 DEFAULT_REPLICATION = 3
+CERTS_DIR = "certs"
+ADMIN_TOKEN_FILE = "admin.token"
+CLUSTER_SECRET_FILE = "cluster.secret"
+ENCRYPTION_KEY_FILE = "encryption.keys"
+TOKEN_PREFIX = "kvt_"  # as the node's tokens: greppable in logs and secret scanners
 _POLL_INTERVAL_S = 0.2
 _PROBE_TIMEOUT_S = 1.0
 
@@ -42,6 +49,9 @@ class UpRequest:
     shards: int | None
     replication: int | None
     base_port: int | None
+    tls: bool = False  # a new cluster gets dev certificates (DATA_DIR/certs) and HTTPS
+    auth: bool = False  # a new cluster gets auth on and a bootstrap admin token
+    encrypt: bool = False  # a new cluster encrypts values at rest (DATA_DIR/encryption.keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +108,11 @@ def _create(request: UpRequest) -> ClusterRecord:
             f"{cluster_file.CLUSTER_FILE_NAME}, so kvctl did not make them; remove them "
             "or pick another --data-dir"
         )
-    planned = plan_nodes(count, request.data_dir, request.base_port)
-    write_configs(planned, shards=shards, replication=replication)
+    planned = plan_nodes(
+        count, request.data_dir, request.base_port, scheme="https" if request.tls else "http"
+    )
+    node_security, client_security = _create_security(request, [node.id for node in planned])
+    write_configs(planned, shards=shards, replication=replication, security=node_security)
     command = node_command()
     nodes = tuple(
         NodeRecord(
@@ -113,7 +126,41 @@ def _create(request: UpRequest) -> ClusterRecord:
         )
         for node in planned
     )
-    return ClusterRecord(nodes, shards, replication, cluster_file.now_iso())
+    return ClusterRecord(nodes, shards, replication, cluster_file.now_iso(), client_security)
+
+
+def _create_security(
+    request: UpRequest, node_ids: list[int]
+) -> tuple[NodeSecurity, cluster_file.ClientSecurity]:
+    """Certificates, the bootstrap admin token and the cluster secret of a new cluster, as
+    --tls and --auth ask; secrets land in files of mode 0600 in the data directory."""
+    root = request.data_dir.resolve()
+    certs_dir = root / CERTS_DIR if request.tls else None
+    if certs_dir is not None:
+        certs.init_certs(certs_dir, node_ids)
+    token_file = root / ADMIN_TOKEN_FILE if request.auth else None
+    admin_hash = None
+    secret_file = None
+    if token_file is not None:
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        cluster_file.write_private(token_file, token + "\n")
+        admin_hash = hashlib.sha256(token.encode()).hexdigest()
+        if certs_dir is None:  # without TLS, peers prove themselves with a shared secret
+            secret_file = root / CLUSTER_SECRET_FILE
+            cluster_file.write_private(secret_file, secrets.token_urlsafe(32) + "\n")
+    key_file = root / ENCRYPTION_KEY_FILE if request.encrypt else None
+    if key_file is not None:
+        encryption_keys.rotate(key_file)
+    client_pair = certs.client_cert_pair(certs_dir) if certs_dir is not None else None
+    return (
+        NodeSecurity(certs_dir, admin_hash, secret_file, key_file),
+        cluster_file.ClientSecurity(
+            ca_file=str(certs_dir / certs.CA_FILE) if certs_dir is not None else None,
+            cert_file=str(client_pair.cert_file) if client_pair else None,
+            key_file=str(client_pair.key_file) if client_pair else None,
+            token_file=str(token_file) if token_file is not None else None,
+        ),
+    )
 
 
 def _refuse_mismatch(existing: ClusterRecord, request: UpRequest) -> None:
@@ -122,6 +169,9 @@ def _refuse_mismatch(existing: ClusterRecord, request: UpRequest) -> None:
         "--shards": (request.shards, existing.shards),
         "--replication": (request.replication, existing.replication),
         "--base-port": (request.base_port, existing.nodes[0].client_port),
+        # Only asking for a protection the cluster lacks is a mismatch; omitting the flag reuses.
+        "--tls": (request.tls or None, existing.security.ca_file is not None),
+        "--auth": (request.auth or None, existing.security.token_file is not None),
     }
     differ = [
         f"{flag} {asked} (it has {actual})"
@@ -151,7 +201,7 @@ def probe_status(record: ClusterRecord) -> ClusterStatus | None:
     """/v1/cluster from the first node that answers quickly, or None."""
     for endpoint in record.endpoints:
         try:
-            return KVClient([endpoint], timeout_s=_PROBE_TIMEOUT_S).cluster_status()
+            return record.client([endpoint], timeout_s=_PROBE_TIMEOUT_S).cluster_status()
         except KvctlError:
             continue
     return None
@@ -193,10 +243,10 @@ def wait_until_ready(
         time.sleep(_POLL_INTERVAL_S)
 
 
-def wait_until_healthy(node: NodeRecord, *, timeout_s: float) -> None:
+def wait_until_healthy(record: ClusterRecord, node: NodeRecord, *, timeout_s: float) -> None:
     """Polls the node's /health until it answers 200."""
     deadline = time.monotonic() + timeout_s
-    client = KVClient([node.client_url], timeout_s=_PROBE_TIMEOUT_S)
+    client = record.client([node.client_url], timeout_s=_PROBE_TIMEOUT_S)
     while True:
         if not processes.is_running(process_of(node)):
             raise ClusterUnavailable(

@@ -12,8 +12,9 @@ from typing import Any, Final, Protocol
 
 from aiohttp import web
 
+from kvstore.auth import Action
 from kvstore.errors import InvalidRequest
-from kvstore.http_api import read_body
+from kvstore.http_api import authorize, read_body
 from kvstore.service import Limits
 
 ADMIN_ROUTE_PREFIX: Final = "/v1/admin/"
@@ -82,12 +83,15 @@ def _check_report(reports: list[dict[str, Any]]) -> dict[str, Any]:
 
 def add_admin_routes(app: web.Application, admin: AdminService) -> None:
     async def run_check(request: web.Request) -> web.Response:
+        authorize(request, Action.ADMIN, "")  # a backup or check spans every key
         return web.json_response(_check_report(await admin.check_consistency()))
 
     async def last_check(request: web.Request) -> web.Response:
+        authorize(request, Action.ADMIN, "")  # a backup or check spans every key
         return web.json_response(_check_report(admin.last_checks()))
 
     async def get_snapshot(request: web.Request) -> web.Response:
+        authorize(request, Action.ADMIN, "")  # a backup or check spans every key
         backup = await admin.backup_shard(_shard_id(request))
         return web.Response(
             body=backup.blob,
@@ -101,6 +105,7 @@ def add_admin_routes(app: web.Application, admin: AdminService) -> None:
         )
 
     async def put_snapshot(request: web.Request) -> web.Response:
+        authorize(request, Action.ADMIN, "")  # a backup or check spans every key
         shard_id = _shard_id(request)
         replace = _replace(request)
         limit = admin.limits.max_shard_backup_bytes

@@ -3,9 +3,12 @@
 KVError
 ├── InvalidRequest            400  caller bug (bad key, body, parameter); do not retry
 │   └── CrossShardTxn         400  a transaction touching keys of several shards
+├── Unauthenticated           401  no bearer token, or one nobody was issued (auth on)
+├── Forbidden                 403  the token's user lacks the grant for this key/prefix
 ├── NotFound                  404  the key does not exist
 ├── PreconditionFailed        412  if_version did not match (carries the current version)
 ├── PayloadTooLarge           413  key or value over the configured limit
+├── TooManyRequests           429  this client has too many requests in flight
 ├── ShardUnavailable          503  no leader / no quorum right now; retry after `retry_after_s`
 │   └── ReplicaCorrupted      503  this node's replica of the shard failed a checksum (names the
 │                                  shard and key); it no longer serves it: other replicas do
@@ -32,6 +35,21 @@ class InvalidRequest(KVError):
 
 class CrossShardTxn(InvalidRequest):
     code = "cross_shard_txn"
+
+
+class Unauthenticated(KVError):
+    status = 401
+    code = "unauthenticated"
+
+
+class Forbidden(KVError):
+    status = 403
+    code = "forbidden"
+
+
+class TooManyRequests(KVError):
+    status = 429
+    code = "too_many_requests"
 
 
 class NotFound(KVError):

@@ -3,6 +3,8 @@
 It depends only on the `KVService` Protocol and the error tree, never on Raft, routing or LMDB.
 `error_response` is the one place that maps exceptions to HTTP; every error body has the shape
 {"error": {"code", "message", ...}}, and no traceback or HTML page ever leaves this module.
+Access control: a middleware authenticates every non-public route (401 without a valid bearer
+token when auth is on); each handler then calls `authorize(request, action, key_or_prefix)`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from aiohttp import web
@@ -23,6 +26,18 @@ from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
 
+from kvstore.auth import (
+    ANONYMOUS_SUPERUSER,
+    Action,
+    Grants,
+    User,
+    UserAdmin,
+    UserDirectory,
+    check_user_name,
+    hash_token,
+    new_token,
+    require,
+)
 from kvstore.errors import (
     InvalidRequest,
     KVError,
@@ -30,6 +45,8 @@ from kvstore.errors import (
     PreconditionFailed,
     ReplicaCorrupted,
     ShardUnavailable,
+    TooManyRequests,
+    Unauthenticated,
 )
 from kvstore.service import (
     MAX_HOPS,
@@ -49,7 +66,11 @@ from kvstore.service import (
 
 __all__ = [
     "KV_ROUTE_PREFIX",
+    "PUBLIC_ROUTES",
+    "AuthSettings",
+    "authorize",
     "create_app",
+    "current_user",
     "error_response",
     "parse_txn",
     "read_body",
@@ -100,6 +121,8 @@ def _error_json(
     headers: dict[str, str] = {}
     if status == 503:
         headers["Retry-After"] = str(body.get("retry_after_s", 1))
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="kvstore"'  # RFC 6750
     return web.json_response({"error": body}, status=status, headers=headers)
 
 
@@ -136,6 +159,96 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
             # A bug: the traceback goes to the log, never to the client.
             logger.exception("unhandled error in %s %s", request.method, _route_label(request))
         return error_response(exc)
+
+
+# --- authentication, authorization and per-client limits ------------------------------------
+
+# Routes anyone may call, even with auth on: probes and scrapes carry no data or key names.
+PUBLIC_ROUTES: Final = frozenset({"/health", "/ready", "/metrics"})
+INTERNAL_ROUTE_PREFIX: Final = "/v1/internal/"  # peers only: guarded by kvstore.internal_api
+_USER_KEY: Final = web.RequestKey("kv_user", User)
+_BEARER = re.compile(r"Bearer ([\x21-\x7e]{1,512})", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    enabled: bool
+    directory: UserDirectory
+    admin: UserAdmin
+
+
+def _authenticate(request: web.Request, directory: UserDirectory) -> User:
+    headers = request.headers.getall("Authorization", [])
+    if not headers:
+        raise Unauthenticated("this route needs an Authorization: Bearer <token> header")
+    match = _BEARER.fullmatch(headers[0]) if len(headers) == 1 else None
+    if match is None:
+        raise Unauthenticated("the Authorization header must be one 'Bearer <token>'")
+    user = directory.user_by_token_hash(hash_token(match.group(1)))
+    if user is None:
+        raise Unauthenticated("the bearer token is not valid (unknown, revoked or mistyped)")
+    return user
+
+
+def _auth_middleware(auth: AuthSettings | None) -> Middleware:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        if auth is None or not auth.enabled:
+            request[_USER_KEY] = ANONYMOUS_SUPERUSER
+        elif path not in PUBLIC_ROUTES and not path.startswith(INTERNAL_ROUTE_PREFIX):
+            # Even unmatched routes: an unauthenticated caller learns nothing about routing.
+            request[_USER_KEY] = _authenticate(request, auth.directory)
+        return await handler(request)
+
+    return middleware
+
+
+def current_user(request: web.Request) -> User:
+    """Who the request runs as (the anonymous superuser when auth is off)."""
+    user = request.get(_USER_KEY)
+    if not isinstance(user, User):
+        # Only internal routes skip authentication, and they never ask.
+        raise Unauthenticated("this route needs an Authorization: Bearer <token> header")
+    return user
+
+
+def authorize(
+    request: web.Request, action: Action, key_or_prefix: str, *, what: str = "key"
+) -> User:
+    """The one check every route makes: raises Forbidden (403) unless the request's user may
+    `action` every key under `key_or_prefix` (a key is its own prefix; "" means every key).
+    A scan or query over a prefix the user may not wholly read is refused, never clipped."""
+    user = current_user(request)
+    require(user, action, key_or_prefix, what=what)
+    return user
+
+
+def _per_client_limit_middleware(limits: Limits) -> Middleware:
+    in_flight: dict[str, int] = {}
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(INTERNAL_ROUTE_PREFIX):
+            return await handler(request)  # peers forward many clients' requests
+        client = request.remote or "unknown"
+        count = in_flight.get(client, 0)
+        if count >= limits.max_requests_in_flight_per_client:
+            raise TooManyRequests(
+                f"{count} requests from {client} are in flight; the limit is "
+                f"{limits.max_requests_in_flight_per_client}: wait for some to finish"
+            )
+        in_flight[client] = count + 1
+        try:
+            return await handler(request)
+        finally:
+            remaining = in_flight[client] - 1
+            if remaining:
+                in_flight[client] = remaining
+            else:
+                del in_flight[client]
+
+    return middleware
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -478,6 +591,7 @@ class _Routes:
 
     async def get_key(self, request: web.Request) -> web.Response:
         key = _key_from_path(request, self._limits)
+        authorize(request, Action.READ, key)
         params = _query(request)
         consistency = _consistency(params)
         ctx = _context(request, accepts_idempotency_key=False)
@@ -490,6 +604,7 @@ class _Routes:
 
     async def put_key(self, request: web.Request) -> web.Response:
         key = _key_from_path(request, self._limits)
+        authorize(request, Action.WRITE, key)
         if_version = _if_version(_query(request))
         ctx = _context(request, accepts_idempotency_key=True)
         value = await read_body(request, self._limits.max_value_bytes, "value")
@@ -498,6 +613,7 @@ class _Routes:
 
     async def delete_key(self, request: web.Request) -> web.Response:
         key = _key_from_path(request, self._limits)
+        authorize(request, Action.WRITE, key)
         if_version = _if_version(_query(request))
         ctx = _context(request, accepts_idempotency_key=True)
         deleted = await self._service.delete(key, if_version, ctx)
@@ -507,6 +623,7 @@ class _Routes:
         params = _query(request)
         limits = self._limits
         prefix = _check_bound(_param(params, "prefix") or "", limits, "prefix")
+        authorize(request, Action.READ, prefix, what="the keys with prefix")
         start = _param(params, "start") or None  # empty = unbounded
         end = _param(params, "end") or None
         raw_limit = _param(params, "limit")
@@ -534,7 +651,12 @@ class _Routes:
     async def txn(self, request: web.Request) -> web.Response:
         ctx = _context(request, accepts_idempotency_key=True)
         body = await read_body(request, txn_body_limit_bytes(self._limits), "txn body")
-        result = await self._service.txn(parse_txn(body, self._limits), ctx)
+        txn = parse_txn(body, self._limits)
+        for compare in txn.compare:
+            authorize(request, Action.READ, compare.key)
+        for op in (*txn.success, *txn.failure):
+            authorize(request, Action.READ if op.kind is TxnOpKind.GET else Action.WRITE, op.key)
+        result = await self._service.txn(txn, ctx)
         return web.json_response(
             {
                 "succeeded": result.succeeded,
@@ -549,7 +671,10 @@ class _Routes:
             doc = json.loads(body, parse_constant=_reject_constant)
         except (ValueError, RecursionError):
             raise InvalidRequest("the body is not valid JSON") from None
-        return web.json_response(await self._service.query(doc, ctx), dumps=_compact_json)
+        spec = self._service.parse_query(doc)
+        # Refused, never clipped: a partial answer could pass for a whole one.
+        authorize(request, Action.READ, spec.key_prefix, what="the keys with prefix")
+        return web.json_response(await self._service.query(spec, ctx), dumps=_compact_json)
 
     async def cluster(self, request: web.Request) -> web.Response:
         return web.json_response(await self._service.cluster_status())
@@ -571,15 +696,72 @@ class _Routes:
         )
 
 
-def create_app(service: KVService, *, registry: CollectorRegistry) -> web.Application:
-    """The public API of one node; the node may add its own routes under /v1/internal/."""
+class _AuthRoutes:
+    """Who am I, and (admins only) the user table: add or re-issue, list, delete."""
+
+    def __init__(self, auth: AuthSettings | None) -> None:
+        self._auth = auth
+
+    def _settings(self) -> AuthSettings:
+        if self._auth is None:
+            raise ShardUnavailable("this server keeps no user table", retry_after_s=0)
+        return self._auth
+
+    async def whoami(self, request: web.Request) -> web.Response:
+        enabled = self._auth is not None and self._auth.enabled
+        return web.json_response(_user_json(current_user(request), auth_enabled=enabled))
+
+    async def list_users(self, request: web.Request) -> web.Response:
+        authorize(request, Action.ADMIN, "")
+        users = self._settings().directory.users()
+        return web.json_response({"users": [_user_json(user) for user in users]})
+
+    async def put_user(self, request: web.Request) -> web.Response:
+        authorize(request, Action.ADMIN, "")
+        body = await read_body(request, _USER_BODY_LIMIT_BYTES, "user body")
+        try:
+            doc = json.loads(body, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            raise InvalidRequest("the body is not valid JSON") from None
+        doc = _object(doc, "the body", frozenset({"name", "grants"}))
+        name = check_user_name(doc["name"])
+        grants = Grants.from_json(doc["grants"])
+        token = new_token()
+        await self._settings().admin.put_user(User(name, grants, hash_token(token)))
+        # The only time the token is ever shown: the node keeps just its hash.
+        return web.json_response({"name": name, "grants": grants.to_json(), "token": token})
+
+    async def delete_user(self, request: web.Request) -> web.Response:
+        authorize(request, Action.ADMIN, "")
+        name = check_user_name(request.match_info["name"])
+        await self._settings().admin.delete_user(name)
+        return web.json_response({"name": name, "deleted": True})
+
+
+_USER_BODY_LIMIT_BYTES: Final = 1 << 20
+
+
+def _user_json(user: User, **extra: Any) -> dict[str, Any]:
+    return {"name": user.name, "grants": user.grants.to_json(), **extra}
+
+
+def create_app(
+    service: KVService, *, registry: CollectorRegistry, auth: AuthSettings | None = None
+) -> web.Application:
+    """The public API of one node; the node may add its own routes under /v1/internal/.
+    Without `auth` (or with auth.enabled False) every request may do everything."""
     limits = service.limits
     # The request line must fit the longest valid scan: three bounds of max_key_bytes, each
     # percent-encoded (3 chars per byte), plus a cursor. aiohttp's default (8190) would answer
     # a valid 4 KiB non-ASCII key with its own plain-text 400 before any handler runs.
     max_line_size = 3 * (3 * limits.max_key_bytes + 16) + 3 * MAX_CURSOR_BYTES + 1024
     app = web.Application(
-        middlewares=[_metrics_middleware(registry), _error_middleware],
+        middlewares=[
+            _metrics_middleware(registry),
+            _error_middleware,
+            _per_client_limit_middleware(limits),
+            _auth_middleware(auth),
+        ],
         client_max_size=txn_body_limit_bytes(limits),
         handler_args={"max_line_size": max(max_line_size, 8190)},
     )
@@ -595,4 +777,9 @@ def create_app(service: KVService, *, registry: CollectorRegistry) -> web.Applic
     app.router.add_get("/health", routes.health)
     app.router.add_get("/ready", routes.ready)
     app.router.add_get("/metrics", routes.metrics)
+    auth_routes = _AuthRoutes(auth)
+    app.router.add_get("/v1/auth/whoami", auth_routes.whoami)
+    app.router.add_get("/v1/auth/users", auth_routes.list_users)
+    app.router.add_post("/v1/auth/users", auth_routes.put_user)
+    app.router.add_delete("/v1/auth/users/{name}", auth_routes.delete_user)
     return app

@@ -1,19 +1,24 @@
 """Routes nodes use among themselves (/v1/internal/*): forwarded proposals and reads, local
-Raft status, the shard map. Bodies are the msgpack commands and results the log carries."""
+Raft status, the shard map. Bodies are the msgpack commands and results the log carries.
+PeerGuard decides who may call them (node certificate, or cluster secret)."""
 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 from dataclasses import asdict
 
+import msgpack
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from kvstore.commands import Failed, ReplicaHash, Restored, encode_outcome
 from kvstore.consistency_check import ConsistencyChecker
-from kvstore.errors import InvalidRequest, KVError
-from kvstore.http_api import error_response, read_body, txn_body_limit_bytes
+from kvstore.errors import Forbidden, InvalidRequest, KVError
+from kvstore.http_api import INTERNAL_ROUTE_PREFIX, error_response, read_body, txn_body_limit_bytes
 from kvstore.peer_client import (
+    CLUSTER_SECRET_HEADER,
     EPOCH_HEADER,
     HOPS_HEADER,
     LEADER_HEADER,
@@ -23,6 +28,7 @@ from kvstore.peer_client import (
 from kvstore.query_runner import encode_error, encode_event
 from kvstore.router import Router
 from kvstore.service import Consistency, KeyVersion, TxnResult
+from kvstore.tls import is_node_certificate
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,44 @@ def _hops(request: web.Request) -> int:
     return int(raw)
 
 
+class PeerGuard:
+    """Who may call the internal routes: with TLS, a node's client certificate (the CA verified
+    it at the handshake); else, when auth is on, the cluster secret; else anyone (a plain local
+    cluster has nothing to protect). Every refusal is logged and counted."""
+
+    def __init__(self, *, tls: bool, cluster_secret: str | None) -> None:
+        self._tls = tls
+        self._secret = cluster_secret
+        self.refused = 0
+
+    def is_allowed(self, request: web.Request) -> bool:
+        if self._tls:
+            transport = request.transport
+            peercert = transport.get_extra_info("peercert") if transport is not None else None
+            allowed = is_node_certificate(peercert)
+        elif self._secret is not None:
+            offered = request.headers.get(CLUSTER_SECRET_HEADER, "")
+            allowed = hmac.compare_digest(offered.encode(), self._secret.encode())
+        else:
+            return True
+        if not allowed:
+            self.refused += 1
+            log.warning(
+                "refused %s %s from %s: %s",
+                request.method,
+                request.path,
+                request.remote,
+                "no node certificate" if self._tls else "wrong or missing cluster secret",
+            )
+        return allowed
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(INTERNAL_ROUTE_PREFIX) and not self.is_allowed(request):
+            return error_response(Forbidden("the internal routes are for the cluster's nodes"))
+        return await handler(request)
+
+
 def add_internal_routes(app: web.Application, router: Router, checker: ConsistencyChecker) -> None:
     async def propose(request: web.Request) -> web.Response:
         try:
@@ -71,6 +115,8 @@ def add_internal_routes(app: web.Application, router: Router, checker: Consisten
             return _error(error)
         except KeyError as error:
             return _error(InvalidRequest(str(error)))
+        if isinstance(outcome, str | int | None):  # a metadata group result
+            return web.Response(body=msgpack.packb(outcome), content_type="application/msgpack")
         if not isinstance(outcome, KeyVersion | TxnResult | Failed | ReplicaHash | Restored):
             raise AssertionError(f"unexpected outcome {outcome!r}")
         return web.Response(body=encode_outcome(outcome), content_type="application/msgpack")

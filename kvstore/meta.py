@@ -1,5 +1,6 @@
-"""The metadata Raft group's state machine: the shard map, replicated so every node agrees on
-it and changes to it are linearizable. Members serve it; other nodes cache a copy."""
+"""The metadata Raft group's state machine: the shard map and the user table, replicated so every
+node agrees on them and changes to them are linearizable. Members serve the map; other nodes
+cache a copy. Users are known only to members, which is why auth needs every node a member."""
 
 from __future__ import annotations
 
@@ -9,18 +10,59 @@ from typing import Any
 import lmdb
 import msgpack
 
+from kvstore.auth import Grants, User
 from kvstore.sharding import ShardMap
 from raft.core.messages import Entry, EntryKind, Snapshot
 from raft.core.types import LogIndex
 
 _MAP_KEY = b"shard_map"
 _APPLIED_KEY = b"applied"
+_USER_KEY_PREFIX = b"user/"
 _SET_MAP = 1
+_PUT_USER = 2
+_DELETE_USER = 3
+# Snapshots that carry users start with this; older ones are the bare encoded shard map.
+_SNAPSHOT_V2 = b"META2"
+LAST_ADMIN_REFUSED = "refused: that would leave no admin"
 
 
 def encode_set_map(shard_map: ShardMap) -> bytes:
     packed: bytes = msgpack.packb((_SET_MAP, shard_map.encode()))
     return packed
+
+
+def _encode_user(user: User) -> bytes:
+    packed: bytes = msgpack.packb((user.name, user.grants.encode(), user.token_sha256))
+    return packed
+
+
+def _decode_user(raw: bytes) -> User:
+    name, grants, token_sha256 = msgpack.unpackb(raw)
+    return User(name, Grants.decode(grants), bytes(token_sha256))
+
+
+def encode_put_user(user: User) -> bytes:
+    packed: bytes = msgpack.packb((_PUT_USER, _encode_user(user)))
+    return packed
+
+
+def encode_delete_user(name: str) -> bytes:
+    packed: bytes = msgpack.packb((_DELETE_USER, name))
+    return packed
+
+
+def check_meta_command(data: bytes) -> None:
+    """Raises ValueError unless `data` is a well-formed meta command (before it takes a slot)."""
+    try:
+        tag, payload = msgpack.unpackb(data)
+        if tag == _SET_MAP:
+            ShardMap.decode(payload)
+        elif tag == _PUT_USER:
+            _decode_user(payload)
+        elif tag != _DELETE_USER or not isinstance(payload, str):
+            raise ValueError(f"unknown meta command {tag!r}")
+    except (TypeError, ValueError, msgpack.UnpackException) as error:
+        raise ValueError(f"malformed meta command: {error}") from None
 
 
 class MetaStateMachine:
@@ -30,17 +72,64 @@ class MetaStateMachine:
         with env.begin(db=self._db) as txn:
             raw = txn.get(_MAP_KEY)
         self._map: ShardMap | None = ShardMap.decode(raw) if raw else None
+        self._users: dict[str, User] = {}
+        self._users_by_token: dict[bytes, User] = {}
+        with env.begin(db=self._db) as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(_USER_KEY_PREFIX):
+                for key, value in cursor:
+                    if not key.startswith(_USER_KEY_PREFIX):
+                        break
+                    self._remember(_decode_user(value))
+
+    # --- the user table (kvstore.auth.UserDirectory) ---
+
+    def user_by_token_hash(self, token_sha256: bytes) -> User | None:
+        return self._users_by_token.get(token_sha256)
+
+    def users(self) -> list[User]:
+        return sorted(self._users.values(), key=lambda user: user.name)
+
+    def has_admin(self) -> bool:
+        return any(user.grants.admin for user in self._users.values())
+
+    def _remember(self, user: User) -> None:
+        self._forget(user.name)
+        self._users[user.name] = user
+        self._users_by_token[user.token_sha256] = user
+
+    def _forget(self, name: str) -> None:
+        old = self._users.pop(name, None)
+        if old is not None:
+            self._users_by_token.pop(old.token_sha256, None)
+
+    def _put_user(self, txn: Any, user: User) -> None:
+        txn.put(_USER_KEY_PREFIX + user.name.encode(), _encode_user(user), db=self._db)
+        self._remember(user)
+
+    def _delete_user(self, txn: Any, name: str) -> str:
+        user = self._users.get(name)
+        if user is None:
+            return "absent"
+        if user.grants.admin and sum(u.grants.admin for u in self._users.values()) == 1:
+            return LAST_ADMIN_REFUSED
+        txn.delete(_USER_KEY_PREFIX + name.encode(), db=self._db)
+        self._forget(name)
+        return "deleted"
 
     @property
     def shard_map(self) -> ShardMap | None:
         return self._map
 
-    def initialize(self, shard_map: ShardMap) -> None:
-        """Every founding node writes the same initial map before its meta replica starts."""
+    def initialize(self, shard_map: ShardMap, initial_users: Sequence[User] = ()) -> None:
+        """Every founding node writes the same initial map (and bootstrap admin, when auth is
+        on) before its meta replica starts."""
         if self._map is not None:
             return
         with self._env.begin(write=True, db=self._db) as txn:
             txn.put(_MAP_KEY, shard_map.encode())
+            for user in initial_users:
+                self._put_user(txn, user)
         self._map = shard_map
 
     def adopt(self, shard_map: ShardMap) -> bool:
@@ -64,24 +153,43 @@ class MetaStateMachine:
             result: object = None
             if entry.kind is EntryKind.NORMAL and entry.data:
                 tag, payload = msgpack.unpackb(entry.data)
-                if tag != _SET_MAP:
+                if tag == _PUT_USER:
+                    self._put_user(txn, _decode_user(payload))
+                    result = "ok"
+                elif tag == _DELETE_USER:
+                    result = self._delete_user(txn, payload)
+                elif tag == _SET_MAP:
+                    new_map = ShardMap.decode(payload)
+                    # Deterministic: only a newer epoch replaces the map.
+                    if self._map is None or new_map.epoch > self._map.epoch:
+                        txn.put(_MAP_KEY, payload, db=self._db)
+                        self._map = new_map
+                    result = self._map.epoch if self._map else 0
+                else:
                     raise AssertionError(f"unknown meta command {tag} at index {entry.index}")
-                new_map = ShardMap.decode(payload)
-                # Deterministic: only a newer epoch replaces the map.
-                if self._map is None or new_map.epoch > self._map.epoch:
-                    txn.put(_MAP_KEY, payload, db=self._db)
-                    self._map = new_map
-                result = self._map.epoch if self._map else 0
             results.append(result)
         if entries:
             txn.put(_APPLIED_KEY, entries[-1].index.to_bytes(8, "big"), db=self._db)
         return results
 
     def snapshot(self) -> bytes:
-        return self._map.encode() if self._map else b""
+        if self._map is None:
+            return b""
+        users = [_encode_user(user) for user in self.users()]
+        packed: bytes = msgpack.packb((self._map.encode(), users))
+        return _SNAPSHOT_V2 + packed
 
     def restore(self, txn: Any, snapshot: Snapshot) -> None:
-        if snapshot.data:
-            txn.put(_MAP_KEY, snapshot.data, db=self._db)
-            self._map = ShardMap.decode(snapshot.data)
+        data = snapshot.data
+        if data:
+            users: list[bytes] = []
+            if data.startswith(_SNAPSHOT_V2):
+                data, users = msgpack.unpackb(data[len(_SNAPSHOT_V2) :])
+            txn.put(_MAP_KEY, data, db=self._db)
+            self._map = ShardMap.decode(data)
+            for name in list(self._users):
+                txn.delete(_USER_KEY_PREFIX + name.encode(), db=self._db)
+                self._forget(name)
+            for raw in users:
+                self._put_user(txn, _decode_user(raw))
         txn.put(_APPLIED_KEY, snapshot.meta.index.to_bytes(8, "big"), db=self._db)

@@ -19,6 +19,46 @@ from raft.runtime.host import FSYNC_BUCKETS_S, RaftHost
 from raft.runtime.transport import PeerStats
 
 
+class SecurityCollector(Collector):
+    """Connections and calls this node refused: the evidence of a probe or a misconfigured peer."""
+
+    def __init__(
+        self,
+        raft_refusals: Callable[[], Mapping[str, int]],
+        http_connections_refused: Callable[[], Mapping[str, int]],
+        internal_calls_refused: Callable[[], int],
+    ) -> None:
+        self._raft_refusals = raft_refusals
+        self._http_connections_refused = http_connections_refused
+        self._internal_calls_refused = internal_calls_refused
+
+    def collect(self) -> Iterator[Metric]:
+        refused = CounterMetricFamily(
+            "kv_peer_connections_refused",
+            "Inbound Raft transport connections refused, by reason (tls_handshake: no "
+            "certificate signed by the cluster CA, or not TLS at all; too_many: over the cap)",
+            labels=["reason"],
+        )
+        for reason, count in self._raft_refusals().items():
+            refused.add_metric([reason], count)
+        yield refused
+        http_refused = CounterMetricFamily(
+            "kv_http_connections_refused",
+            "HTTP connections refused, by reason (tls_handshake: a certificate the cluster CA "
+            "did not sign, or plain HTTP to the HTTPS port; too_many: over "
+            "limits.max_client_connections)",
+            labels=["reason"],
+        )
+        for reason, count in self._http_connections_refused().items():
+            http_refused.add_metric([reason], count)
+        yield http_refused
+        yield CounterMetricFamily(
+            "kv_internal_requests_refused",
+            "Requests to /v1/internal/* refused: no node certificate, or wrong cluster secret",
+            value=self._internal_calls_refused(),
+        )
+
+
 class RaftCollector(Collector):
     def __init__(
         self, host: RaftHost, peer_stats: Callable[[], Mapping[NodeId, PeerStats]]

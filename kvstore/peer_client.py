@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,6 +34,7 @@ HOPS_HEADER = "X-KV-Hops"
 EPOCH_HEADER = "X-KV-Map-Epoch"
 LEADER_HEADER = "X-KV-Leader"
 NODE_HEADER = "X-KV-Node"  # which node answered a streamed internal route
+CLUSTER_SECRET_HEADER = "X-KV-Cluster-Secret"  # peers' proof on internal routes without TLS
 
 
 class NotLeaderHere(KVError):
@@ -86,15 +88,29 @@ def _error_from(status: int, headers: Any, body: bytes) -> KVError:
 
 
 class PeerClient:
-    def __init__(self, timeout_s: float) -> None:
+    """Calls peers' internal routes: over mutual TLS (our node certificate) when `tls` is set,
+    else with the cluster secret when auth needs one."""
+
+    def __init__(
+        self,
+        timeout_s: float,
+        *,
+        tls: ssl.SSLContext | None = None,
+        cluster_secret: str | None = None,
+    ) -> None:
         self._timeout_s = timeout_s
+        self._tls = tls
+        self._headers = {CLUSTER_SECRET_HEADER: cluster_secret} if cluster_secret else {}
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout_s),
-                connector=aiohttp.TCPConnector(limit=256, limit_per_host=64),
+                connector=aiohttp.TCPConnector(
+                    limit=256, limit_per_host=64, ssl=self._tls if self._tls else True
+                ),
+                headers=self._headers,
             )
         return self._session
 

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from kvstore.auth import User
 from kvstore.commands import (
     FAILED_INVALID,
     FAILED_NOT_FOUND,
@@ -41,7 +42,13 @@ from kvstore.errors import (
     ShardUnavailable,
     StaleShardMap,
 )
-from kvstore.meta import MetaStateMachine
+from kvstore.meta import (
+    LAST_ADMIN_REFUSED,
+    MetaStateMachine,
+    check_meta_command,
+    encode_delete_user,
+    encode_put_user,
+)
 from kvstore.peer_client import (
     NotLeaderHere,
     PeerClient,
@@ -73,7 +80,7 @@ from kvstore.service import (
     TxnRequest,
     TxnResult,
 )
-from kvstore.sharding import ShardMap, ShardSpec
+from kvstore.sharding import META_GROUP_ID, ShardMap, ShardSpec
 from kvstore.state_machine import CorruptValueError, KVStateMachine
 from raft.core.errors import NotLeader, ProposalDropped
 from raft.core.types import NO_NODE, NodeId
@@ -100,6 +107,7 @@ class Router:
         unsafe_stale_reads: bool = False,
         query_settings: QuerySettings | None = None,
         plugins: PluginRegistry | None = None,
+        peer_client: PeerClient | None = None,
     ) -> None:
         self.node_id = node_id
         self.limits = limits
@@ -107,7 +115,7 @@ class Router:
         self._meta = meta
         self._shards = shards  # local replicas' state machines, by shard id
         self._timeout_s = request_timeout_s
-        self._peers = PeerClient(request_timeout_s)
+        self._peers = peer_client if peer_client is not None else PeerClient(request_timeout_s)
         self._client_url_overrides = client_url_overrides or {}
         self._unsafe_stale_reads = unsafe_stale_reads  # test-only fault (jepsen_like broken mode)
         self.query_settings = query_settings or QuerySettings()
@@ -195,11 +203,13 @@ class Router:
         next_cursor = encode_cursor(items[-1].key) if len(merged) > limit and items else None
         return ScanPage(items, next_cursor)
 
-    async def query(self, doc: Any, ctx: RequestContext) -> dict[str, Any]:
+    def parse_query(self, doc: Any) -> QuerySpec:
+        return parse_query(doc, self.query_settings.limits, self._plugins)
+
+    async def query(self, spec: QuerySpec, ctx: RequestContext) -> dict[str, Any]:
         """POST /v1/query: the plan runs on every shard at once (each at its own read point),
         and the partials merge here."""
         settings = self.query_settings
-        spec = parse_query(doc, settings.limits, self._plugins)
         shards = self.shard_map.shards
         budget = settings.shard_budget_bytes(len(shards))
         scanners = self._spread_scans(shards)
@@ -582,6 +592,49 @@ class Router:
             raise outcome.to_error()
         return outcome
 
+    async def propose_meta(self, command: bytes, ctx: RequestContext) -> object:
+        """Run a command on the metadata group's leader; returns its apply result."""
+        voters = self.shard_map.meta_voters
+        # A stand-in spec so _on_leader can find the meta leader as it finds a shard's.
+        meta_group = ShardSpec(META_GROUP_ID, 0, 1, voters)
+        return await self._on_leader(
+            meta_group,
+            ctx,
+            lambda: self._propose_here(META_GROUP_ID, command),
+            lambda url, hops, timeout_s: self._forward_meta(url, command, hops, timeout_s),
+            may_retry_remote=False,
+        )
+
+    async def _forward_meta(self, url: str, command: bytes, hops: int, timeout_s: float) -> object:
+        return msgpack.unpackb(
+            await self._forward_command(url, META_GROUP_ID, command, hops, timeout_s)
+        )
+
+    async def _forward_command(
+        self, url: str, group_id: int, command: bytes, hops: int, timeout_s: float
+    ) -> bytes:
+        """POSTs a command for a group (a shard, or the metadata group) to the node at url."""
+        return await self._peers.call(
+            url,
+            "propose",
+            command,
+            hops=hops,
+            epoch=self.shard_map.epoch,
+            timeout_s=timeout_s,
+            params={"shard": str(group_id)},
+        )
+
+    # ------------------------------------------------------------------ users (auth.UserAdmin)
+    async def put_user(self, user: User) -> None:
+        await self.propose_meta(encode_put_user(user), RequestContext())
+
+    async def delete_user(self, name: str) -> None:
+        result = await self.propose_meta(encode_delete_user(name), RequestContext())
+        if result == "absent":
+            raise NotFound(f"there is no user {name!r}")
+        if result == LAST_ADMIN_REFUSED:
+            raise InvalidRequest(f"user {name!r} is the last admin; add another admin first")
+
     async def _propose_here(self, shard_id: int, command: bytes) -> object:
         try:
             return await self._host.propose(shard_id, command)
@@ -593,16 +646,7 @@ class Router:
     ) -> object:
         from kvstore.commands import decode_outcome
 
-        payload = await self._peers.call(
-            url,
-            "propose",
-            command,
-            hops=hops,
-            epoch=self.shard_map.epoch,
-            timeout_s=timeout_s,
-            params={"shard": str(shard_id)},
-        )
-        return decode_outcome(payload)
+        return decode_outcome(await self._forward_command(url, shard_id, command, hops, timeout_s))
 
     # ------------------------------------------------------------------ reads
     async def _read(
@@ -691,6 +735,12 @@ class Router:
         )
 
     async def serve_internal_propose(self, shard_id: int, command: bytes, hops: int) -> object:
+        if shard_id == META_GROUP_ID:
+            try:
+                check_meta_command(command)
+            except ValueError as error:
+                raise InvalidRequest(str(error)) from error
+            return await self.propose_meta(command, RequestContext(hops=hops))
         try:
             decode_command(command)  # refuse garbage before it takes a slot in the Raft log
         except ValueError as error:

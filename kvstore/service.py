@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from kvstore.query.spec import QuerySpec
 
 
 class Consistency(enum.Enum):
@@ -22,6 +25,10 @@ class Limits:
     max_txn_ops: int = 128
     # A restored shard travels as one Raft entry: keep it well under the transport's frame cap.
     max_shard_backup_bytes: int = 32 << 20
+    # Protect the node from one greedy or stuck client (requests beyond: 429) and from a flood
+    # of idle sockets (connections beyond are closed at accept).
+    max_requests_in_flight_per_client: int = 256
+    max_client_connections: int = 1024
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -155,8 +162,13 @@ class KVService(Protocol):
         """Raises CrossShardTxn when the keys span shards."""
         ...
 
-    async def query(self, doc: Any, ctx: RequestContext) -> dict[str, Any]:
-        """Run a query (docs/query.md) given as its decoded JSON body; the answer as JSON."""
+    def parse_query(self, doc: Any) -> QuerySpec:
+        """A query's decoded JSON body, validated against this node's limits and plugins;
+        raises InvalidRequest."""
+        ...
+
+    async def query(self, spec: QuerySpec, ctx: RequestContext) -> dict[str, Any]:
+        """Run a query (docs/query.md); the answer as JSON."""
         ...
 
     async def cluster_status(self) -> dict[str, Any]: ...

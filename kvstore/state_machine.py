@@ -4,7 +4,10 @@ Many shards share one environment: every key in the kv.* databases starts with t
 (8 bytes, big-endian), so a shard is one contiguous key range per database. Durable state is
 written only through the transaction the runtime passes in (it may retry it): nothing lives in
 memory. Every stored record carries a checksum verified on read; a mismatch raises
-CorruptValueError(shard_id, key) rather than answering wrongly.
+CorruptValueError(shard_id, key) rather than answering wrongly. With a ValueCipher, values
+(and recorded outcomes) are sealed with AES-GCM before the checksum, which covers the sealed
+bytes; reads, scans, snapshots and data_hash see plaintext, so replicas with different keys
+(or none) still compare equal.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from kvstore.commands import (
     decode_outcome,
     encode_outcome,
 )
+from kvstore.encryption import ValueCipher
 from kvstore.service import (
     CompareOp,
     CompareTarget,
@@ -68,6 +72,8 @@ _META = struct.Struct(">QQ")  # applied index, key count; then their xxh64 seede
 _META_NAME = "(shard metadata)"  # what CorruptValueError names for a bad kv.meta record
 _HASHED_RECORD = struct.Struct(">IQI")  # key length, version, value length; then key, value
 _MAX_U64 = (1 << 64) - 1
+# Set in a record's version field when its value is sealed (versions are Raft indexes < 2^63).
+_ENCRYPTED_FLAG = 1 << 63
 
 # LMDB keys stop at 511 bytes. Longer keys are stored as their first 480 bytes, a 0xff marker
 # (never part of UTF-8) and an xxh128 of the whole key: byte order stays right except among long
@@ -98,7 +104,12 @@ def _stored_key(prefix: bytes, key: bytes) -> bytes:
     return prefix + key[:_INLINE_KEY_BYTES] + _LONG_KEY_MARK + xxhash.xxh128_digest(key)
 
 
-def _seal(key: bytes, version: int, value: bytes) -> bytes:
+def _seal(
+    key: bytes, version: int, value: bytes, cipher: ValueCipher | None, prefix: bytes
+) -> bytes:
+    if cipher is not None:
+        value = cipher.seal(value, _associated_data(prefix, version, key))
+        version |= _ENCRYPTED_FLAG
     header = _RECORD.pack(version, xxhash.xxh64_intdigest(key + value, version))
     if len(key) <= _INLINE_KEY_BYTES:
         return header + value
@@ -111,6 +122,10 @@ class ReadView:
 
     applied_index: int
     rows_from: Callable[[str], Iterator[tuple[str, bytes]]]  # (key, value) from a key on
+
+
+def _associated_data(prefix: bytes, version: int, key: bytes) -> bytes:
+    return prefix + _INDEX.pack(version) + key
 
 
 class KVStateMachine:
@@ -129,6 +144,7 @@ class KVStateMachine:
         shard_id: int,
         *,
         idempotency_window_entries: int = 100_000,
+        cipher: ValueCipher | None = None,
     ) -> None:
         if not 0 <= shard_id <= _MAX_U64:
             raise ValueError(f"shard id out of range: {shard_id}")
@@ -138,6 +154,7 @@ class KVStateMachine:
         self.idempotency_window_entries = idempotency_window_entries
         self._env = env
         self._prefix = _SHARD.pack(shard_id)
+        self._cipher = cipher  # None: new values are stored in the clear
         self._data = env.open_db(_DATA_DB)
         self._meta = env.open_db(_META_DB)
         self._idem = env.open_db(_IDEM_DB)
@@ -191,10 +208,13 @@ class KVStateMachine:
             _delete_range(txn.cursor(db=db), self._prefix)
         prefix = self._prefix
         txn.cursor(db=self._data).putmulti(
-            [(_stored_key(prefix, key), _seal(key, version, value)) for key, version, value in data]
+            [
+                (_stored_key(prefix, key), self._seal(key, version, value))
+                for key, version, value in data
+            ]
         )
         for key, index, outcome in idem:
-            txn.put(_stored_key(prefix, key), _seal(key, index, outcome), db=self._idem)
+            txn.put(_stored_key(prefix, key), self._seal(key, index, outcome), db=self._idem)
             txn.put(prefix + _INDEX.pack(index), key, db=self._idem_by_index)
         self._write_meta(txn, snapshot.meta.index, len(data))
 
@@ -272,6 +292,8 @@ class KVStateMachine:
                     version, checksum = unpack(raw)
                     if digest(key + value, version) != checksum:
                         self._open(stored, raw)  # raises CorruptValueError, saying why
+                    if version & _ENCRYPTED_FLAG:
+                        value = self._unseal(stored, key, version ^ _ENCRYPTED_FLAG, value)
                     yield key.decode(), value
 
             yield ReadView(applied, rows_from)
@@ -365,7 +387,25 @@ class KVStateMachine:
             raise CorruptValueError(self.shard_id, self._name(stored), "truncated") from None
         if xxhash.xxh64_intdigest(key + value, version) != checksum:
             raise CorruptValueError(self.shard_id, self._name(stored))
+        if version & _ENCRYPTED_FLAG:
+            version ^= _ENCRYPTED_FLAG
+            value = self._unseal(stored, key, version, value)
         return key, version, value
+
+    def _seal(self, key: bytes, version: int, value: bytes) -> bytes:
+        return _seal(key, version, value, self._cipher, self._prefix)
+
+    def _unseal(self, stored: bytes, key: bytes, version: int, sealed: bytes) -> bytes:
+        if self._cipher is None:
+            raise CorruptValueError(
+                self.shard_id,
+                self._name(stored),
+                "value is encrypted at rest but this node has no [encryption] key_file",
+            )
+        try:
+            return self._cipher.open(sealed, _associated_data(self._prefix, version, key))
+        except ValueError as error:
+            raise CorruptValueError(self.shard_id, self._name(stored), str(error)) from None
 
     def _name(self, stored: bytes) -> str:
         """The key a stored record is filed under, for error messages (a long key's head)."""
@@ -443,7 +483,7 @@ class KVStateMachine:
         self, txn: lmdb.Transaction[bytes], idempotency_key: str, index: int, outcome: Outcome
     ) -> None:
         key = idempotency_key.encode()
-        record = _seal(key, index, encode_outcome(outcome))
+        record = self._seal(key, index, encode_outcome(outcome))
         txn.put(_stored_key(self._prefix, key), record, db=self._idem)
         txn.put(self._prefix + _INDEX.pack(index), key, db=self._idem_by_index)
 
@@ -551,7 +591,7 @@ class _Batch:
             _delete_range(self.txn.cursor(db=db), prefix)
         # Versions are this log's indexes: restored keys take this entry's, so none repeats.
         self.txn.cursor(db=machine._data).putmulti(
-            [(_stored_key(prefix, key), _seal(key, index, value)) for key, _, value in data]
+            [(_stored_key(prefix, key), machine._seal(key, index, value)) for key, _, value in data]
         )
         self.key_count = len(data)
         return Restored(index, len(data), content_digest(data))
@@ -609,7 +649,12 @@ class _Batch:
     def _write(self, key: str, value: bytes, index: int) -> None:
         key_bytes = key.encode()
         stored = _stored_key(self.machine._prefix, key_bytes)
-        if self.txn.replace(stored, _seal(key_bytes, index, value), db=self.machine._data) is None:
+        if (
+            self.txn.replace(
+                stored, self.machine._seal(key_bytes, index, value), db=self.machine._data
+            )
+            is None
+        ):
             self.key_count += 1
 
     def _remove(self, key: str) -> None:

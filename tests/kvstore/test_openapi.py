@@ -21,21 +21,30 @@ ERROR_REF = "#/components/schemas/Error"
 
 # The errors each operation can produce; the spec must list at least these.
 SERVICE_ERRORS = {"500", "503", "504"}
+LIMITED = {"429"}  # every route: too many requests in flight from one client
+AUTHENTICATED = {"401"} | LIMITED  # every route but the public probes, with auth on
+AUTHORIZED = {"403"} | AUTHENTICATED  # routes that check a grant
 EXPECTED_ERRORS: dict[tuple[str, str], set[str]] = {
-    ("GET", "/v1/kv/{key}"): {"400", "404", "413"} | SERVICE_ERRORS,
-    ("PUT", "/v1/kv/{key}"): {"400", "412", "413"} | SERVICE_ERRORS,
-    ("DELETE", "/v1/kv/{key}"): {"400", "404", "412", "413"} | SERVICE_ERRORS,
-    ("GET", "/v1/scan"): {"400"} | SERVICE_ERRORS,
-    ("POST", "/v1/txn"): {"400", "413"} | SERVICE_ERRORS,
-    ("POST", "/v1/query"): {"400", "413", "500", "503"},
-    ("GET", "/v1/cluster"): {"500", "503"},
-    ("GET", "/health"): {"500"},
-    ("GET", "/ready"): {"500", "503"},
-    ("GET", "/metrics"): {"500"},
-    ("GET", "/v1/admin/check"): {"500"},
-    ("POST", "/v1/admin/check"): {"500"},
-    ("GET", "/v1/admin/snapshot/{shard}"): {"400", "404", "500", "503"},
-    ("PUT", "/v1/admin/snapshot/{shard}"): {"400", "404", "412", "413"} | SERVICE_ERRORS,
+    ("GET", "/v1/kv/{key}"): {"400", "404", "413"} | SERVICE_ERRORS | AUTHORIZED,
+    ("PUT", "/v1/kv/{key}"): {"400", "412", "413"} | SERVICE_ERRORS | AUTHORIZED,
+    ("DELETE", "/v1/kv/{key}"): {"400", "404", "412", "413"} | SERVICE_ERRORS | AUTHORIZED,
+    ("GET", "/v1/scan"): {"400"} | SERVICE_ERRORS | AUTHORIZED,
+    ("POST", "/v1/txn"): {"400", "413"} | SERVICE_ERRORS | AUTHORIZED,
+    ("POST", "/v1/query"): {"400", "413", "500", "503"} | AUTHORIZED,
+    ("GET", "/v1/cluster"): {"500", "503"} | AUTHENTICATED,
+    ("GET", "/health"): {"500"} | LIMITED,
+    ("GET", "/ready"): {"500", "503"} | LIMITED,
+    ("GET", "/metrics"): {"500"} | LIMITED,
+    ("GET", "/v1/admin/check"): {"500"} | AUTHORIZED,
+    ("POST", "/v1/admin/check"): {"500"} | AUTHORIZED,
+    ("GET", "/v1/admin/snapshot/{shard}"): {"400", "404", "500", "503"} | AUTHORIZED,
+    ("PUT", "/v1/admin/snapshot/{shard}"): {"400", "404", "412", "413"}
+    | SERVICE_ERRORS
+    | AUTHORIZED,
+    ("GET", "/v1/auth/whoami"): {"500"} | AUTHENTICATED,
+    ("GET", "/v1/auth/users"): {"500", "503"} | AUTHORIZED,
+    ("POST", "/v1/auth/users"): {"400", "413"} | SERVICE_ERRORS | AUTHORIZED,
+    ("DELETE", "/v1/auth/users/{name}"): {"400", "404"} | SERVICE_ERRORS | AUTHORIZED,
 }
 
 

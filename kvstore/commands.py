@@ -108,7 +108,27 @@ class Txn:
         _check_idempotency_key(self.idempotency_key)
 
 
-Command = Put | Delete | Txn
+@dataclass(frozen=True, slots=True)
+class PutBatch:
+    """Unconditional puts of keys of one shard, applied together at one index: the bulk-load
+    path (POST /v1/batch), one Raft entry per shard instead of one per key."""
+
+    items: tuple[tuple[str, bytes], ...]  # (key, value) in request order; a later one wins
+    idempotency_key: None = None  # re-running a batch of plain puts leaves the same values
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.items, tuple) or not self.items:
+            raise TypeError("items must be a non-empty tuple of (key, value)")
+        for item in self.items:
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise TypeError("items must hold (key, value) pairs")
+            _check_str("key", item[0])
+            _check_bytes("value", item[1])
+        if self.idempotency_key is not None:
+            raise TypeError("a batch carries no idempotency key")
+
+
+Command = Put | Delete | Txn | PutBatch
 
 FAILED_PRECONDITION: Final = "precondition_failed"
 FAILED_NOT_FOUND: Final = "not_found"
@@ -139,13 +159,23 @@ class Failed:
         return InvalidRequest(self.message)
 
 
-Outcome = KeyVersion | TxnResult | Failed
+@dataclass(frozen=True, slots=True)
+class BatchWritten:
+    """A PutBatch applied: every key in it now has this version (the entry's index)."""
+
+    version: int
+
+    def __post_init__(self) -> None:
+        _check_version("version", self.version, optional=False)
+
+
+Outcome = KeyVersion | TxnResult | Failed | BatchWritten
 _E = TypeVar("_E", bound=enum.Enum)
 
 # --- Wire tags and enum numbering. Append only: these bytes live in logs and snapshots. ---
 
-_PUT, _DELETE, _TXN = 1, 2, 3
-_KEY_VERSION, _FAILED, _TXN_RESULT = 1, 2, 3
+_PUT, _DELETE, _TXN, _PUT_BATCH = 1, 2, 3, 4
+_KEY_VERSION, _FAILED, _TXN_RESULT, _BATCH_WRITTEN = 1, 2, 3, 4
 _TARGETS = (CompareTarget.VERSION, CompareTarget.VALUE)
 _OPS = (CompareOp.EQUAL, CompareOp.NOT_EQUAL, CompareOp.LESS, CompareOp.GREATER)
 _KINDS = (TxnOpKind.PUT, TxnOpKind.DELETE, TxnOpKind.GET)
@@ -177,6 +207,8 @@ def encode_command(command: Command) -> bytes:
             [(_KIND_CODES[op.kind], op.key, op.value) for op in request.failure],
             command.idempotency_key,
         )
+    elif isinstance(command, PutBatch):
+        fields = (_PUT_BATCH, command.items)
     else:
         raise TypeError(f"not a command: {command!r}")
     packed: bytes = msgpack.packb(fields)
@@ -205,6 +237,9 @@ def decode_command(data: bytes) -> Command:
                 failure=tuple(_decode_op(op) for op in failure),
             )
             return Txn(request, idempotency_key)
+        if tag == _PUT_BATCH:
+            _, items = fields
+            return PutBatch(items)
     except (TypeError, ValueError, IndexError, KeyError) as exc:
         raise ValueError(f"malformed command: {exc}") from exc
     raise ValueError(f"unknown command tag {tag!r}")
@@ -233,6 +268,8 @@ def encode_outcome(outcome: Outcome) -> bytes:
             outcome.succeeded,
             [(_KIND_CODES[r.kind], r.key, r.version, r.value) for r in outcome.results],
         )
+    elif isinstance(outcome, BatchWritten):
+        fields = (_BATCH_WRITTEN, outcome.version)
     else:
         raise TypeError(f"not an outcome: {outcome!r}")
     packed: bytes = msgpack.packb(fields)
@@ -257,6 +294,9 @@ def decode_outcome(data: bytes) -> Outcome:
             if not isinstance(succeeded, bool):
                 raise TypeError("succeeded must be bool")
             return TxnResult(succeeded, tuple(_decode_op_result(r) for r in results))
+        if tag == _BATCH_WRITTEN:
+            _, version = fields
+            return BatchWritten(version)
     except (TypeError, ValueError, IndexError, KeyError) as exc:
         raise ValueError(f"malformed outcome: {exc}") from exc
     raise ValueError(f"unknown outcome tag {tag!r}")

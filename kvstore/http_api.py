@@ -35,6 +35,7 @@ from kvstore.service import (
     CompareTarget,
     Consistency,
     KeyValue,
+    KeyVersion,
     KVService,
     Limits,
     RequestContext,
@@ -45,7 +46,14 @@ from kvstore.service import (
     TxnRequest,
 )
 
-__all__ = ["KV_ROUTE_PREFIX", "create_app", "error_response", "parse_txn", "txn_body_limit_bytes"]
+__all__ = [
+    "KV_ROUTE_PREFIX",
+    "create_app",
+    "error_response",
+    "parse_batch",
+    "parse_txn",
+    "txn_body_limit_bytes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -439,6 +447,41 @@ def parse_txn(body: bytes, limits: Limits) -> TxnRequest:
     )
 
 
+# --- the batch body --------------------------------------------------------------------------
+
+_BATCH_FIELDS: Final = frozenset({"puts"})
+_BATCH_PUT_FIELDS: Final = frozenset({"key", "value"})
+
+
+def parse_batch(body: bytes, limits: Limits) -> list[tuple[str, bytes]]:
+    """{"puts": [{"key": str, "value": base64}, ...]} -> [(key, value)], all checked."""
+    try:
+        doc = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise InvalidRequest("the body is not valid JSON") from None
+    puts = _object(doc, "the body", _BATCH_FIELDS)["puts"]
+    if not isinstance(puts, list) or not puts:
+        raise InvalidRequest("puts must be a non-empty JSON array")
+    if len(puts) > limits.max_batch_puts:
+        raise InvalidRequest(
+            f"puts has {len(puts)} entries; the limit is {limits.max_batch_puts}: split the batch"
+        )
+    items = []
+    for i, item in enumerate(puts):
+        # The common case checked in one comparison; _object explains what is wrong otherwise.
+        if not isinstance(item, dict) or item.keys() != _BATCH_PUT_FIELDS:
+            _object(item, f"puts[{i}]", _BATCH_PUT_FIELDS)
+        where = f"puts[{i}]"
+        items.append((_key_field(item, where, limits), _value_field(item, where, limits)))
+    return items
+
+
+def _batch_result_json(key: str, result: KeyVersion | KVError) -> dict[str, Any]:
+    if isinstance(result, KVError):
+        return {"key": key, "error": {"code": result.code, "message": result.message}}
+    return {"key": key, "version": result.version}
+
+
 def _txn_result_json(result: TxnOpResult) -> dict[str, Any]:
     item: dict[str, Any] = {"op": result.kind.value, "key": result.key, "version": result.version}
     if result.kind is TxnOpKind.GET:
@@ -525,6 +568,25 @@ class _Routes:
             }
         )
 
+    async def batch(self, request: web.Request) -> web.Response:
+        ctx = _context(request, accepts_idempotency_key=False)
+        body = await _read_body(request, self._limits.max_batch_bytes, "batch body")
+        items = parse_batch(body, self._limits)
+        results = await self._service.batch_put(items, ctx)
+        errors = [result for result in results if isinstance(result, KVError)]
+        if len(errors) == len(results):
+            raise errors[0]  # nothing written: one clear error (503 carries Retry-After)
+        return web.json_response(
+            {
+                "written": len(results) - len(errors),
+                "failed": len(errors),
+                "results": [
+                    _batch_result_json(key, result)
+                    for (key, _), result in zip(items, results, strict=True)
+                ],
+            }
+        )
+
     async def cluster(self, request: web.Request) -> web.Response:
         return web.json_response(await self._service.cluster_status())
 
@@ -564,6 +626,7 @@ def create_app(service: KVService, *, registry: CollectorRegistry) -> web.Applic
     app.router.add_delete(key_path, routes.delete_key)
     app.router.add_get("/v1/scan", routes.scan)
     app.router.add_post("/v1/txn", routes.txn)
+    app.router.add_post("/v1/batch", routes.batch)
     app.router.add_get("/v1/cluster", routes.cluster)
     app.router.add_get("/health", routes.health)
     app.router.add_get("/ready", routes.ready)

@@ -7,7 +7,7 @@ import logging
 
 from aiohttp import web
 
-from kvstore.commands import Failed, encode_outcome
+from kvstore.commands import BatchWritten, Failed, encode_outcome
 from kvstore.errors import InvalidRequest, KVError
 from kvstore.http_api import error_response
 from kvstore.peer_client import EPOCH_HEADER, HOPS_HEADER, LEADER_HEADER, NotLeaderHere
@@ -58,7 +58,7 @@ def add_internal_routes(app: web.Application, router: Router) -> None:
             return _error(error)
         except KeyError as error:
             return _error(InvalidRequest(str(error)))
-        if not isinstance(outcome, KeyVersion | TxnResult | Failed):
+        if not isinstance(outcome, KeyVersion | TxnResult | Failed | BatchWritten):
             raise AssertionError(f"unexpected outcome {outcome!r}")
         return web.Response(body=encode_outcome(outcome), content_type="application/msgpack")
 

@@ -12,12 +12,21 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import msgpack
 
-from kvstore.commands import Delete, Failed, Put, Txn, decode_command, encode_command
+from kvstore.commands import (
+    BatchWritten,
+    Delete,
+    Failed,
+    Put,
+    PutBatch,
+    Txn,
+    decode_command,
+    encode_command,
+)
 from kvstore.errors import (
     CrossShardTxn,
     InvalidRequest,
@@ -135,6 +144,36 @@ class Router:
         )
         assert isinstance(outcome, TxnResult), outcome
         return outcome
+
+    async def batch_put(
+        self, items: Sequence[tuple[str, bytes]], ctx: RequestContext
+    ) -> list[KeyVersion | KVError]:
+        shard_map = self.shard_map
+        positions_by_shard: dict[int, list[int]] = {}
+        for position, (key, _) in enumerate(items):
+            positions_by_shard.setdefault(shard_map.shard_for_key(key).id, []).append(position)
+
+        async def put_shard(shard_id: int, positions: list[int]) -> int:
+            command = PutBatch(tuple(items[position] for position in positions))
+            outcome = await self.propose(shard_id, encode_command(command), ctx)
+            assert isinstance(outcome, BatchWritten), outcome
+            return outcome.version
+
+        answers = await asyncio.gather(
+            *(put_shard(shard, positions) for shard, positions in positions_by_shard.items()),
+            return_exceptions=True,
+        )
+        results: list[KeyVersion | KVError] = [ShardUnavailable("not attempted")] * len(items)
+        for positions, answer in zip(positions_by_shard.values(), answers, strict=True):
+            if isinstance(answer, BaseException) and not isinstance(answer, KVError):
+                raise answer  # a bug or a cancellation, not an outcome of this shard
+            for position in positions:
+                results[position] = (
+                    answer
+                    if isinstance(answer, KVError)
+                    else KeyVersion(items[position][0], answer)
+                )
+        return results
 
     async def scan(
         self,

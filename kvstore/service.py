@@ -4,8 +4,11 @@ the values crossing it. http_api depends on this, never on the Raft or routing c
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from kvstore.errors import KVError
 
 
 class Consistency(enum.Enum):
@@ -20,6 +23,8 @@ class Limits:
     max_scan_limit: int = 10_000
     default_scan_limit: int = 1000
     max_txn_ops: int = 128
+    max_batch_puts: int = 10_000  # POST /v1/batch: puts per request
+    max_batch_bytes: int = 16 << 20  # POST /v1/batch: the JSON body
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -146,6 +151,13 @@ class KVService(Protocol):
 
     async def txn(self, request: TxnRequest, ctx: RequestContext) -> TxnResult:
         """Raises CrossShardTxn when the keys span shards."""
+        ...
+
+    async def batch_put(
+        self, items: Sequence[tuple[str, bytes]], ctx: RequestContext
+    ) -> list[KeyVersion | KVError]:
+        """Unconditional puts, one Raft entry per shard; one result per item, in order: its new
+        version, or the error that kept its shard's entry from committing."""
         ...
 
     async def cluster_status(self) -> dict[str, Any]: ...

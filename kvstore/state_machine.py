@@ -22,11 +22,13 @@ from kvstore.commands import (
     FAILED_INVALID,
     FAILED_NOT_FOUND,
     FAILED_PRECONDITION,
+    BatchWritten,
     Command,
     Delete,
     Failed,
     Outcome,
     Put,
+    PutBatch,
     Txn,
     decode_command,
     decode_outcome,
@@ -457,6 +459,10 @@ class _Batch:
             return self._put(command, index)
         if isinstance(command, Delete):
             return self._delete(command)
+        if isinstance(command, PutBatch):
+            for key, value in command.items:
+                self._write(key, value, index)
+            return BatchWritten(index)
         return self._txn(command, index)
 
     def _put(self, command: Put, index: int) -> Outcome:

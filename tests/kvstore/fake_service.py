@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from kvstore.errors import (
     CrossShardTxn,
     InvalidRequest,
+    KVError,
     NotFound,
     PayloadTooLarge,
     PreconditionFailed,
@@ -165,6 +166,20 @@ class FakeKVService:
             return TxnResult(succeeded, tuple(self._apply(op, version) for op in ops))
 
         return self._once(ctx, ("txn", request), run)
+
+    async def batch_put(
+        self, items: Sequence[tuple[str, bytes]], ctx: RequestContext
+    ) -> list[KeyVersion | KVError]:
+        self._enter("batch_put", ctx, items=list(items))
+        version_by_shard: dict[int, int] = {}  # one entry per shard: one version
+        results: list[KeyVersion | KVError] = []
+        for key, value in items:
+            shard = self.shard_of(key)
+            if shard not in version_by_shard:
+                version_by_shard[shard] = self._next_version()
+            self._data[key] = (value, version_by_shard[shard])
+            results.append(KeyVersion(key, version_by_shard[shard]))
+        return results
 
     async def cluster_status(self) -> dict[str, Any]:
         self._enter("cluster_status", None)

@@ -25,6 +25,7 @@ EXPECTED_ERRORS: dict[tuple[str, str], set[str]] = {
     ("DELETE", "/v1/kv/{key}"): {"400", "404", "412", "413"} | SERVICE_ERRORS,
     ("GET", "/v1/scan"): {"400"} | SERVICE_ERRORS,
     ("POST", "/v1/txn"): {"400", "413"} | SERVICE_ERRORS,
+    ("POST", "/v1/batch"): {"400", "413"} | SERVICE_ERRORS,
     ("GET", "/v1/cluster"): {"500", "503"},
     ("GET", "/health"): {"500"},
     ("GET", "/ready"): {"500", "503"},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from cli.bench import bench_command
+from cli.bulk_load import load_command
 from cli.cluster_commands import CLUSTER_COMMANDS
 from cli.data_commands import DATA_COMMANDS
 from cli.settings import ENDPOINTS_ENV, KvctlGroup, endpoints_option, json_option, timeout_option
@@ -43,7 +44,7 @@ def kvctl() -> None:
     """kvctl: read and write keys, and run a local cluster, of the sharded Raft KV store."""
 
 
-for _command in (*DATA_COMMANDS, *CLUSTER_COMMANDS, bench_command):
+for _command in (*DATA_COMMANDS, *CLUSTER_COMMANDS, bench_command, load_command):
     kvctl.add_command(_command)
 
 

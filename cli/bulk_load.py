@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import click
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
@@ -205,13 +205,9 @@ def load_command(
     chosen = _format_of(file, file_format)
     show_progress = running_in_terminal() and not settings.json_output
     from_stdin = str(file) == "-"
-    handle = (
-        io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="")
-        if from_stdin
-        else file.open(encoding="utf-8", newline="")
-    )
+    raw: BinaryIO = sys.stdin.buffer if from_stdin else file.open("rb")
     with (
-        handle as lines,
+        io.TextIOWrapper(raw, encoding="utf-8", newline="") as lines,
         Progress(
             TextColumn("loading"),
             BarColumn(),
@@ -227,7 +223,7 @@ def load_command(
 
         def on_batch(written: int, failed: int) -> None:
             fields = progress.tasks[task].fields
-            position = None if size is None else lines.buffer.tell()  # read ahead a little
+            position = None if size is None else raw.tell()  # a little ahead: read buffering
             progress.update(
                 task,
                 completed=position,

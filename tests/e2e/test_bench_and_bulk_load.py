@@ -66,9 +66,7 @@ def test_bench_put_then_get_report_real_throughput_and_ordered_latencies(
     assert shared_kv_cluster.get(1, "bench/000000000007").status == 200
 
 
-def test_bench_counts_every_failed_request_as_an_error_by_kind(
-    shared_kv_cluster: KVCluster, tmp_path: Path
-):
+def test_bench_counts_every_failed_request_as_an_error_by_kind(shared_kv_cluster: KVCluster):
     absent = bench(
         endpoints(shared_kv_cluster),
         "get",

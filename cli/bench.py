@@ -7,10 +7,11 @@ import click
 from rich.table import Table
 
 from cli import load_generator
-from cli.errors import ClusterUnavailable
+from cli.errors import ClusterUnavailable, KvctlError
 from cli.load_generator import BenchConfig, BenchResult, Workload
 from cli.output import print_json, stderr_console, stdout_console
-from cli.settings import client_options, running_in_terminal, settings_of
+from cli.settings import Settings, client_options, running_in_terminal, settings_of
+from cli.shard_routes import LeaderRoutes
 
 
 def result_table(result: BenchResult) -> Table:
@@ -25,6 +26,14 @@ def result_table(result: BenchResult) -> Table:
         *(f"{result.percentile_ms(q):.2f}" for q in (0.50, 0.90, 0.99, 1.0)),
     )
     return table
+
+
+def _leader_routes(settings: Settings) -> LeaderRoutes | None:
+    try:
+        return LeaderRoutes(settings.client().cluster_status())
+    except KvctlError as error:
+        stderr_console().print(f"not routing by leader ({error.message})", highlight=False)
+        return None
 
 
 @click.command("bench", short_help="Load the cluster and report throughput and latency.")
@@ -48,6 +57,12 @@ def result_table(result: BenchResult) -> Table:
 @click.option("--no-fill", is_flag=True, help="get/mixed/scan: skip writing the key space first")
 @click.option("--key-prefix", default="bench/", show_default=True)
 @click.option("--seed", default=1, show_default=True, type=int)
+@click.option(
+    "--route/--no-route",
+    default=True,
+    show_default=True,
+    help="send each get/put to its shard's leader (read from /v1/cluster), not via any node",
+)
 @client_options
 def bench_command(
     workload: str,
@@ -61,6 +76,7 @@ def bench_command(
     no_fill: bool,
     key_prefix: str,
     seed: int,
+    route: bool,
 ) -> None:
     """Send WORKLOAD (put, get, mixed or scan) over --concurrency keep-alive connections,
     spread over the endpoints, for --duration seconds; print a table (or --json).
@@ -72,6 +88,7 @@ def bench_command(
     Example: kvctl bench put --concurrency 64 --value-size 100 --duration 10
     """
     settings = settings_of(click.get_current_context())
+    routes = _leader_routes(settings) if route else None
     config = BenchConfig(
         workload=Workload(workload),
         endpoints=settings.resolved_endpoints(),
@@ -85,6 +102,7 @@ def bench_command(
         stale=stale,
         timeout_s=settings.timeout_s,
         seed=seed,
+        routes=routes,
     )
     console = stderr_console()
     live = running_in_terminal() and not settings.json_output

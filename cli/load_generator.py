@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import quote
 
 from cli.raw_http import HttpConnection, HttpConnectionError
+from cli.shard_routes import LeaderRoutes
 
 PROGRESS_INTERVAL_S = 0.5
 
@@ -48,6 +49,8 @@ class BenchConfig:
     stale: bool = False
     timeout_s: float = 10.0
     seed: int = 1
+    # Send gets and puts straight to the key's shard leader (scans go anywhere).
+    routes: LeaderRoutes | None = None
 
     def key(self, index: int) -> str:
         return f"{self.key_prefix}{index:012d}"
@@ -110,19 +113,21 @@ class _Requests:
         self._value = os.urandom(config.value_size)
         self._read_suffix = "?consistency=stale" if config.stale else ""
 
-    def next(self) -> tuple[str, str, bytes]:
+    def next(self) -> tuple[str, str, bytes, str]:
+        """(method, path, body, key)"""
         config = self._config
         workload = config.workload
         if workload is Workload.MIXED:
             is_read = self._rng.randrange(100) < config.read_percent
             workload = Workload.GET if is_read else Workload.PUT
-        key = quote(config.key(self._rng.randrange(config.keys)), safe="")
+        key = config.key(self._rng.randrange(config.keys))
+        quoted = quote(key, safe="")
         if workload is Workload.PUT:
-            return "PUT", f"/v1/kv/{key}", self._value
+            return "PUT", f"/v1/kv/{quoted}", self._value, key
         if workload is Workload.GET:
-            return "GET", f"/v1/kv/{key}{self._read_suffix}", b""
-        scan = f"/v1/scan?start={key}&limit={config.scan_limit}"
-        return "GET", scan + ("&consistency=stale" if config.stale else ""), b""
+            return "GET", f"/v1/kv/{quoted}{self._read_suffix}", b"", key
+        scan = f"/v1/scan?start={quoted}&limit={config.scan_limit}"
+        return "GET", scan + ("&consistency=stale" if config.stale else ""), b"", key
 
 
 async def fill(config: BenchConfig) -> int:
@@ -162,14 +167,18 @@ async def run(config: BenchConfig, on_progress: ProgressCallback | None = None) 
     deadline = started + config.duration_s
 
     async def worker(number: int) -> None:
-        connection = HttpConnection(
-            config.endpoints[number % len(config.endpoints)], config.timeout_s
-        )
+        home = config.endpoints[number % len(config.endpoints)]
+        connections = {home: HttpConnection(home, config.timeout_s)}
         requests = _Requests(config, random.Random(config.seed * 1_000_003 + number))
         clock = time.perf_counter
+        routes = config.routes
         try:
             while (sent := clock()) < deadline:
-                method, path, body = requests.next()
+                method, path, body, key = requests.next()
+                url = (routes.leader_url(key) if routes else None) or home
+                connection = connections.get(url)
+                if connection is None:
+                    connection = connections[url] = HttpConnection(url, config.timeout_s)
                 try:
                     status, _ = await connection.request(method, path, body)
                 except HttpConnectionError:
@@ -184,7 +193,8 @@ async def run(config: BenchConfig, on_progress: ProgressCallback | None = None) 
                 else:
                     errors[f"http {status}"] += 1
         finally:
-            connection.close()
+            for connection in connections.values():
+                connection.close()
 
     async def report() -> None:
         while True:

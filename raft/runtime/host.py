@@ -421,6 +421,7 @@ class RaftHost:
             if step.ready.hard_state or step.ready.entries_to_persist or step.ready.snapshot
         ]
         applying = [step for step in steps if step.ready.entries_to_apply or step.ready.snapshot]
+        loop = asyncio.get_running_loop()
 
         def apply_in(txn: Any) -> None:
             for step in applying:
@@ -428,6 +429,14 @@ class RaftHost:
                     step.group.state_machine.restore(txn, step.ready.snapshot)
                 entries = step.ready.entries_to_apply
                 step.results = step.group.state_machine.apply(txn, entries) if entries else []
+                if entries:
+                    # Answer proposers now, while this transaction's fsync runs: the entries
+                    # are committed (durable on a quorum) and their results deterministic, so a
+                    # crash before our commit only replays them to the same results. No read
+                    # sees the state before the commit: read barriers resolve after it.
+                    loop.call_soon_threadsafe(
+                        self._resolve_proposals, step.group, entries, step.results
+                    )
 
         if not writes and not applying:
             return
@@ -454,17 +463,7 @@ class RaftHost:
                     future.set_exception(
                         OutcomeUnknown(f"entry {index} was covered by a snapshot from the leader")
                     )
-        for entry, result in zip(ready.entries_to_apply, step.results, strict=True):
-            pending = waiting.pop(entry.index, None)
-            if pending is None:
-                continue
-            term, future = pending
-            if future.done():
-                continue
-            if entry.term == term:
-                future.set_result(result)
-            else:
-                future.set_exception(ProposalDropped(f"entry {entry.index} went to another term"))
+        self._resolve_proposals(group, ready.entries_to_apply, step.results)
         self.metrics.entries_applied += len(ready.entries_to_apply)
         applied = ready.entries_to_apply[-1].index if ready.entries_to_apply else LogIndex(0)
         if ready.snapshot is not None:
@@ -484,6 +483,23 @@ class RaftHost:
                 else:
                     still_waiting.append((index, read_future))
             group.reads_to_apply = still_waiting
+
+    def _resolve_proposals(
+        self, group: _Group, entries: Sequence[Entry], results: Sequence[object]
+    ) -> None:
+        """Hand each applied entry's result to its proposer (once: a second call finds none)."""
+        waiting = group.waiting
+        for entry, result in zip(entries, results, strict=True):
+            pending = waiting.pop(entry.index, None)
+            if pending is None:
+                continue
+            term, future = pending
+            if future.done():
+                continue
+            if entry.term == term:
+                future.set_result(result)
+            else:
+                future.set_exception(ProposalDropped(f"entry {entry.index} went to another term"))
 
     def _maybe_snapshot(self, group: _Group) -> None:
         node = group.node

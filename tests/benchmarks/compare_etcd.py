@@ -7,7 +7,9 @@ Installs etcd-server and wrk with apt-get when they are missing (and says so). S
 ports, drives both with wrk + Lua at each connection count, for puts and linearizable gets of
 100-byte values (etcd through its JSON gateway, /v3/kv/put and /v3/kv/range with base64), and
 prints one markdown table with both systems, the ratios, and the peak RSS of every server
-process. wrk drives etcd's leader and one node of ours (which forwards to shard leaders).
+process. wrk drives etcd's leader; ours twice: through one node (which forwards to the shard
+leaders), and "routed", one wrk per node sending only keys whose shard that node leads (what a
+client that routes by the shard map does, as `kvctl bench` does by default).
 Everything it started is stopped by PID. Only the ratios of one run mean anything.
 """
 
@@ -33,6 +35,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from cli import launcher  # noqa: E402  (the repo root is on sys.path only from here)
+from cli.client import KVClient  # noqa: E402
+from cli.shard_routes import LeaderRoutes  # noqa: E402
 
 DEADLINE_S = 60.0
 
@@ -110,6 +114,20 @@ class System:
     port: int  # where wrk sends its requests
     pids: list[int]
 
+    def led_keys(self, keys: int) -> dict[int, list[int]]:
+        """Ours: port of the node leading each key's shard -> key indexes."""
+        status = KVClient([f"http://127.0.0.1:{self.port}"]).cluster_status()
+        routes = LeaderRoutes(status)
+        by_port: dict[int, list[int]] = {}
+        for index in range(keys):
+            url = routes.leader_url(key_name(index)) or f"http://127.0.0.1:{self.port}"
+            by_port.setdefault(int(url.rsplit(":", 1)[1]), []).append(index)
+        return by_port
+
+
+def key_name(index: int) -> str:
+    return f"bench-{index:06d}"
+
 
 @contextlib.contextmanager
 def etcd_cluster(work: Path) -> Iterator[System]:
@@ -182,27 +200,26 @@ end
 """
 
 
-def lua_script(system: str, op: str, keys: int, value: bytes) -> str:
-    """A wrk script sending `op` for random keys among `keys`, all request bytes prebuilt."""
+def lua_script(system: str, op: str, key_indexes: list[int], value: bytes) -> str:
+    """A wrk script sending `op` for random keys among `key_indexes`, every request prebuilt."""
     # wrk.format() called at load time does not know the Host header yet: give it ourselves.
     lines = ["local requests = {}", 'local headers = {["Host"] = "127.0.0.1"}']
-    for index in range(keys):
-        key = f"bench-{index:06d}"
+    for slot, index in enumerate(key_indexes, 1):
+        key = key_name(index)
         if system == "etcd":
             doc = {"key": base64.b64encode(key.encode()).decode()}
             if op == "put":
                 doc["value"] = base64.b64encode(value).decode()
             path = "/v3/kv/put" if op == "put" else "/v3/kv/range"
             body = f"[[{json.dumps(doc)}]]"  # a Lua long string: no escaping needed
-            lines.append(f'requests[{index + 1}] = wrk.format("POST", "{path}", headers, {body})')
+            lines.append(f'requests[{slot}] = wrk.format("POST", "{path}", headers, {body})')
         elif op == "put":
             lines.append(
-                f'requests[{index + 1}] = wrk.format("PUT", "/v1/kv/{key}", headers, '
-                f'"{value.decode()}")'
+                f'requests[{slot}] = wrk.format("PUT", "/v1/kv/{key}", headers, "{value.decode()}")'
             )
         else:
-            lines.append(f'requests[{index + 1}] = wrk.format("GET", "/v1/kv/{key}", headers)')
-    lines.append(f"request = function() return requests[math.random({keys})] end")
+            lines.append(f'requests[{slot}] = wrk.format("GET", "/v1/kv/{key}", headers)')
+    lines.append(f"request = function() return requests[math.random({len(key_indexes)})] end")
     return "\n".join(lines) + _LUA_DONE
 
 
@@ -214,38 +231,45 @@ class Cell:
     errors: int
 
 
-def run_wrk(port: int, script: Path, conns: int, duration_s: float) -> Cell:
-    threads = min(conns, 2)
-    completed = subprocess.run(
-        [
-            "wrk",
-            f"-t{threads}",
-            f"-c{conns}",
-            f"-d{duration_s:g}s",
-            "--timeout=10s",
-            "-s",
-            str(script),
-            f"http://127.0.0.1:{port}",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=duration_s + 60,
-    )
-    line = next(x for x in completed.stdout.splitlines() if x.startswith("RESULT "))
-    doc = json.loads(line[len("RESULT ") :])
+def run_wrk(targets: list[tuple[int, Path, int]], duration_s: float) -> Cell:
+    """Run one wrk per (port, script, conns) at the same time; add up their throughput and
+    report the worst p50 and p99 among them (wrk cannot merge histograms)."""
+    running = [
+        subprocess.Popen(
+            [
+                "wrk",
+                f"-t{min(conns, 2)}",
+                f"-c{conns}",
+                f"-d{duration_s:g}s",
+                "--timeout=10s",
+                "-s",
+                str(script),
+                f"http://127.0.0.1:{port}",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for port, script, conns in targets
+    ]
+    docs = []
+    for process in running:
+        out, _ = process.communicate(timeout=duration_s + 60)
+        if process.returncode != 0:
+            raise SystemExit(f"wrk failed ({process.returncode}): {out[-500:]}")
+        line = next(x for x in out.splitlines() if x.startswith("RESULT "))
+        docs.append(json.loads(line[len("RESULT ") :]))
     return Cell(
-        per_s=doc["requests"] / (doc["duration_us"] / 1e6),
-        p50_ms=doc["p50_us"] / 1000,
-        p99_ms=doc["p99_us"] / 1000,
-        errors=doc["errors"],
+        per_s=sum(doc["requests"] / (doc["duration_us"] / 1e6) for doc in docs),
+        p50_ms=max(doc["p50_us"] for doc in docs) / 1000,
+        p99_ms=max(doc["p99_us"] for doc in docs) / 1000,
+        errors=sum(doc["errors"] for doc in docs),
     )
 
 
 def prefill(system: System, keys: int, value: bytes) -> None:
     """Gets must find their keys (etcd answers a missing key 200, we answer 404)."""
     for index in range(keys):
-        key = f"bench-{index:06d}"
+        key = key_name(index)
         if system.name == "etcd":
             body = json.dumps(
                 {
@@ -262,44 +286,61 @@ def prefill(system: System, keys: int, value: bytes) -> None:
 
 def measure(
     system: System, work: Path, conns_list: list[int], duration_s: float, keys: int
-) -> dict[tuple[str, int], Cell]:
+) -> dict[str, dict[tuple[str, int], Cell]]:
+    """{variant: {(op, conns): cell}}; ours has a second variant, each request sent straight
+    to its shard's leader (one wrk per node, the connections split between them)."""
     value = b"v" * 100
     prefill(system, keys, value)
-    cells = {}
-    for op in ("put", "get"):
-        script = work / f"{system.name}-{op}.lua"
-        script.write_text(lua_script(system.name, op, keys, value))
-        for conns in conns_list:
-            cells[op, conns] = cell = run_wrk(system.port, script, conns, duration_s)
-            print(
-                f"  {system.name:4} {op} c={conns:<3} {cell.per_s:9,.0f}/s  p50 {cell.p50_ms:6.2f}"
-                f"  p99 {cell.p99_ms:7.2f} ms  errors {cell.errors}",
-                flush=True,
-            )
-    return cells
+    variants = {system.name: {system.port: list(range(keys))}}
+    if system.name == "ours":
+        variants["ours routed"] = system.led_keys(keys)
+    results: dict[str, dict[tuple[str, int], Cell]] = {}
+    for variant, keys_by_port in variants.items():
+        cells = results[variant] = {}
+        for op in ("put", "get"):
+            scripts = {}
+            for port, indexes in keys_by_port.items():
+                scripts[port] = work / f"{variant.replace(' ', '-')}-{op}-{port}.lua"
+                scripts[port].write_text(lua_script(system.name, op, indexes, value))
+            for conns in conns_list:
+                ports = sorted(keys_by_port, key=lambda p: -len(keys_by_port[p]))[:conns]
+                targets = [
+                    (port, scripts[port], conns // len(ports) + (i < conns % len(ports)))
+                    for i, port in enumerate(ports)
+                ]
+                cells[op, conns] = cell = run_wrk(targets, duration_s)
+                print(
+                    f"  {variant:11} {op} c={conns:<3} {cell.per_s:9,.0f}/s  "
+                    f"p50 {cell.p50_ms:6.2f}  p99 {cell.p99_ms:7.2f} ms  errors {cell.errors}",
+                    flush=True,
+                )
+    return results
 
 
-def table(
-    etcd: dict[tuple[str, int], Cell],
-    ours: dict[tuple[str, int], Cell],
-    rss: dict[str, list[float]],
-) -> str:
-    rows = [
-        "| op | conns | etcd ops/s | ours ops/s | ours/etcd | etcd p50 / p99 ms "
-        "| ours p50 / p99 ms | errors etcd / ours |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for (op, conns), theirs in etcd.items():
-        mine = ours[op, conns]
+def table(results: dict[str, dict[tuple[str, int], Cell]], rss: dict[str, list[float]]) -> str:
+    ours_variants = [name for name in results if name != "etcd"]
+    header = "| op | conns | etcd ops/s | etcd p50 / p99 ms |"
+    rule = "| --- | ---: | ---: | ---: |"
+    for name in ours_variants:
+        header += f" {name} ops/s | x etcd | {name} p50 / p99 ms |"
+        rule += " ---: | ---: | ---: |"
+    rows = [header, rule]
+    for (op, conns), theirs in results["etcd"].items():
         label = "put" if op == "put" else "linearizable get"
-        rows.append(
-            f"| {label} | {conns} | {theirs.per_s:,.0f} | {mine.per_s:,.0f} "
-            f"| {mine.per_s / theirs.per_s:.2f}x | {theirs.p50_ms:.2f} / {theirs.p99_ms:.1f} "
-            f"| {mine.p50_ms:.2f} / {mine.p99_ms:.1f} | {theirs.errors} / {mine.errors} |"
-        )
+        latency = f"{theirs.p50_ms:.2f} / {theirs.p99_ms:.1f}"
+        row = f"| {label} | {conns} | {theirs.per_s:,.0f} | {latency} |"
+        for name in ours_variants:
+            mine = results[name][op, conns]
+            row += (
+                f" {mine.per_s:,.0f} | {mine.per_s / theirs.per_s:.2f}x "
+                f"| {mine.p50_ms:.2f} / {mine.p99_ms:.1f} |"
+            )
+        rows.append(row)
+    errors = {name: sum(cell.errors for cell in cells.values()) for name, cells in results.items()}
+    rows.append(f"\nerrors (non-2xx, timeouts, socket errors): {errors}")
     for name, values in rss.items():
         listed = ", ".join(f"{mb:.0f}" for mb in values)
-        rows.append(f"\npeak RSS of {name}'s processes (MB): {listed}")
+        rows.append(f"\npeak RSS of {name}'s server processes (MB): {listed}")
     return "\n".join(rows)
 
 
@@ -319,11 +360,11 @@ def main() -> None:
         for start in (etcd_cluster, our_cluster):
             with start(work) as system:
                 print(f"{system.name}: driving 127.0.0.1:{system.port}", flush=True)
-                results[system.name] = measure(system, work, conns_list, args.duration, args.keys)
+                results.update(measure(system, work, conns_list, args.duration, args.keys))
                 rss[system.name] = [peak_rss_mb(pid) for pid in system.pids]
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     print()
-    print(table(results["etcd"], results["ours"], rss))
+    print(table(results, rss))
 
 
 if __name__ == "__main__":

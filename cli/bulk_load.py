@@ -120,17 +120,10 @@ async def _send_batch(
             continue
         doc: dict[str, Any] = json.loads(body) if body else {}
         if status == 200:
-            unwritten = [
-                item
-                for item, answer in zip(pending, doc["results"], strict=True)
-                if "error" in answer
-            ]
-            if unwritten:
-                result.last_error = doc["results"][0].get("error", {}).get("message", "")
-            written_now = len(pending) - len(unwritten)
-            if not unwritten:
-                return len(items) - len(pending) + written_now, 0
-            pending = unwritten
+            if not doc["errors"]:
+                return len(items), 0
+            result.last_error = doc["errors"][0]["message"]
+            pending = [pending[error["index"]] for error in doc["errors"]]
             continue
         message = doc.get("error", {}).get("message", body[:200].decode(errors="replace"))
         result.last_error = f"HTTP {status}: {message}"

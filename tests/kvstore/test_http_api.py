@@ -892,9 +892,8 @@ async def test_a_batch_answers_one_version_per_put_and_one_entry_per_shard(
     reply = await api.send("POST", "/v1/batch", data=json.dumps({"puts": puts}).encode())
     assert reply.status == 200
     doc = reply.json()
-    assert (doc["written"], doc["failed"]) == (3, 0)
-    assert [item["key"] for item in doc["results"]] == ["a", OTHER_SHARD_PREFIX + "b", "c"]
-    versions = [item["version"] for item in doc["results"]]
+    assert (doc["written"], doc["failed"], doc["errors"]) == (3, 0, [])
+    versions = doc["versions"]  # in request order
     assert versions[0] == versions[2] != versions[1]  # a and c share their shard's entry
     assert fake.stored("c") == (b"\x00\xff", versions[2])
 
@@ -912,12 +911,14 @@ async def test_a_batch_where_some_shards_failed_reports_each_unwritten_put(
     assert reply.json() == {
         "written": 1,
         "failed": 1,
-        "results": [
-            {"key": "a", "version": 7},
+        "versions": [7, None],
+        "errors": [
             {
+                "index": 1,
                 "key": "b",
-                "error": {"code": "shard_unavailable", "message": "shard 2 has no leader"},
-            },
+                "code": "shard_unavailable",
+                "message": "shard 2 has no leader",
+            }
         ],
     }
 

@@ -576,7 +576,7 @@ class _Routes:
                 error = {"index": index, "key": items[index][0], "code": result.code}
                 errors.append({**error, "message": result.message})
             else:
-                versions.append(result.version)
+                versions.append(result)
         if len(errors) == len(results):
             raise next(r for r in results if isinstance(r, KVError))  # one clear error (503...)
         return web.json_response(

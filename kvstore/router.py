@@ -147,7 +147,7 @@ class Router:
 
     async def batch_put(
         self, items: Sequence[tuple[str, bytes]], ctx: RequestContext
-    ) -> list[KeyVersion | KVError]:
+    ) -> list[int | KVError]:
         shard_map = self.shard_map
         positions_by_shard: dict[int, list[int]] = {}
         for position, (key, _) in enumerate(items):
@@ -163,16 +163,12 @@ class Router:
             *(put_shard(shard, positions) for shard, positions in positions_by_shard.items()),
             return_exceptions=True,
         )
-        results: list[KeyVersion | KVError] = [ShardUnavailable("not attempted")] * len(items)
+        results: list[int | KVError] = [ShardUnavailable("not attempted")] * len(items)
         for positions, answer in zip(positions_by_shard.values(), answers, strict=True):
             if isinstance(answer, BaseException) and not isinstance(answer, KVError):
                 raise answer  # a bug or a cancellation, not an outcome of this shard
             for position in positions:
-                results[position] = (
-                    answer
-                    if isinstance(answer, KVError)
-                    else KeyVersion(items[position][0], answer)
-                )
+                results[position] = answer
         return results
 
     async def scan(

@@ -155,9 +155,9 @@ class KVService(Protocol):
 
     async def batch_put(
         self, items: Sequence[tuple[str, bytes]], ctx: RequestContext
-    ) -> list[KeyVersion | KVError]:
-        """Unconditional puts, one Raft entry per shard; one result per item, in order: its new
-        version, or the error that kept its shard's entry from committing."""
+    ) -> list[int | KVError]:
+        """Unconditional puts, one Raft entry per shard; one result per item, in order: the
+        key's new version, or the error that kept its shard's entry from committing."""
         ...
 
     async def cluster_status(self) -> dict[str, Any]: ...

@@ -169,16 +169,16 @@ class FakeKVService:
 
     async def batch_put(
         self, items: Sequence[tuple[str, bytes]], ctx: RequestContext
-    ) -> list[KeyVersion | KVError]:
+    ) -> list[int | KVError]:
         self._enter("batch_put", ctx, items=list(items))
         version_by_shard: dict[int, int] = {}  # one entry per shard: one version
-        results: list[KeyVersion | KVError] = []
+        results: list[int | KVError] = []
         for key, value in items:
             shard = self.shard_of(key)
             if shard not in version_by_shard:
                 version_by_shard[shard] = self._next_version()
             self._data[key] = (value, version_by_shard[shard])
-            results.append(KeyVersion(key, version_by_shard[shard]))
+            results.append(version_by_shard[shard])
         return results
 
     async def cluster_status(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from yarl import URL
 
 from kvstore.errors import KVError, OutcomeUnknown, ShardUnavailable, StaleShardMap
 from kvstore.http_api import create_app, txn_body_limit_bytes
-from kvstore.service import Consistency, KeyVersion, Limits, TxnOpKind
+from kvstore.service import Consistency, Limits, TxnOpKind
 from tests.kvstore.fake_service import OTHER_SHARD_PREFIX, FakeKVService
 
 LIMITS = Limits(
@@ -902,7 +902,7 @@ async def test_a_batch_where_some_shards_failed_reports_each_unwritten_put(
     api: Api, fake: FakeKVService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def half_written(items: Any, ctx: Any) -> list[Any]:
-        return [KeyVersion("a", 7), ShardUnavailable("shard 2 has no leader")]
+        return [7, ShardUnavailable("shard 2 has no leader")]
 
     monkeypatch.setattr(fake, "batch_put", half_written)
     puts = [{"key": "a", "value": b64(b"1")}, {"key": "b", "value": b64(b"2")}]

@@ -13,6 +13,7 @@ from aiohttp import web
 from kvstore.config import NodeConfig
 from kvstore.http_api import create_app
 from kvstore.internal_api import add_internal_routes
+from kvstore.leader_balance import balance_leaders_forever
 from kvstore.meta import MetaStateMachine
 from kvstore.metrics import RaftCollector
 from kvstore.router import Router
@@ -62,6 +63,7 @@ class KVNode:
             RaftCollector(self.host, lambda: self.transport.stats if self.transport else {})
         )
         self._runner: web.AppRunner | None = None
+        self._balancer: asyncio.Task[None] | None = None
 
     def _start_groups(self) -> ShardMap:
         config = self.config
@@ -95,6 +97,9 @@ class KVNode:
         self.transport = TcpTransport(config.node_id, config.peer_listen, peers, self.host.receive)
         await self.transport.start()
         await self.host.start(self.transport)
+        self._balancer = asyncio.create_task(
+            balance_leaders_forever(config.node_id, self.host, self.meta), name="leader-balance"
+        )
         app = create_app(self.router, registry=self.registry)
         add_internal_routes(app, self.router)
         self._runner = web.AppRunner(app, access_log=None)
@@ -111,6 +116,8 @@ class KVNode:
         )
 
     async def stop(self) -> None:
+        if self._balancer is not None:
+            self._balancer.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.host.stop()

@@ -23,7 +23,7 @@ from raft.core.config import RaftConfig
 from raft.core.errors import NotLeader, ProposalDropped, RaftError
 from raft.core.messages import ConfChange, ConfState, Entry, Message, Ready, Snapshot
 from raft.core.node import RaftNode
-from raft.core.types import LogIndex, NodeId, Term
+from raft.core.types import NO_NODE, LogIndex, NodeId, Term
 from raft.storage.lmdb_log import GroupId, GroupWrite, LmdbLogStore
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ class _Group:
     reads: dict[bytes, asyncio.Future[None]] = field(default_factory=dict)  # ReadIndex asked
     reads_to_apply: list[tuple[LogIndex, asyncio.Future[None]]] = field(default_factory=list)
     snapshot_index: LogIndex = LogIndex(0)
+    transfer_wanted_to: NodeId = NO_NODE  # see RaftHost.request_leader_transfer
 
 
 @dataclass(slots=True)
@@ -287,6 +288,29 @@ class RaftHost:
         self._group(group_id).node.transfer_leader(target)
         self._wake.set()
 
+    def request_leader_transfer(self, group_id: int, target: NodeId) -> None:
+        """Hand leadership to `target` at the next iteration, but only if we lead, it is a voter
+        we heard from this election timeout, and it has our whole log: then the transfer ends
+        within a round trip, and a dead or lagging target never stalls proposals (which a
+        transfer in progress refuses) for an election timeout."""
+        self._group(group_id).transfer_wanted_to = target
+        self._wake.set()
+
+    def _maybe_start_transfer(self, group: _Group) -> None:
+        target, group.transfer_wanted_to = group.transfer_wanted_to, NO_NODE
+        node = group.node
+        if not node.is_leader or node.lead_transferee != NO_NODE or target == node.leader_id:
+            return
+        progress = node.progress(target)
+        if (
+            progress is None
+            or target not in node.conf.voters
+            or not progress.recent_active
+            or progress.match_index != node.log.last_index()
+        ):
+            return
+        node.transfer_leader(target)
+
     def _group(self, group_id: int) -> _Group:
         found = self._groups.get(GroupId(group_id))
         if found is None:
@@ -361,6 +385,8 @@ class RaftHost:
                     "group %s: dropped a bad message from %s: %s", group_id, message.sender, error
                 )
         for group in self._groups.values():
+            if group.transfer_wanted_to != NO_NODE:
+                self._maybe_start_transfer(group)
             if group.queued:
                 self._propose_queued(group)
             if group.reads_new:

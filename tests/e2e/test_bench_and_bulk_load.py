@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.__main__ import kvctl
-from tests.e2e.kv_cluster import KVCluster
+from tests.e2e.kv_cluster import KVCluster, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -147,3 +147,14 @@ def test_load_stops_with_a_clear_error_on_a_malformed_record(
     )
     assert result.exit_code == 2
     assert "line 2" in result.stderr
+
+
+def test_every_shard_is_led_by_its_preferred_replica_once_the_cluster_settles(
+    shared_kv_cluster: KVCluster,
+):
+    def leaders_are_preferred() -> bool:
+        shards = shared_kv_cluster.status(1)["shards"]
+        return all(shard["leader"] == shard["replicas"][0] for shard in shards)
+
+    wait_for("each shard's leader to be its replicas[0]", leaders_are_preferred)
+    assert shared_kv_cluster.put(2, "after-balance", b"x").status == 200

@@ -408,14 +408,14 @@ class LmdbGroupStorage:
         raise CorruptLogError(group_id, LogIndex(index), "log entry (missing)")
 
 
-def _must_be_durable(write: GroupWrite, view: _LogView) -> bool:
+def must_be_durable(write: GroupWrite, persisted: HardState) -> bool:
     """Log entries, snapshots, term and vote must survive an OS crash before we act on them
     (acks, votes). The commit index need not (§3.8: it is volatile state, relearnt from the
     leader), nor the applied state committed beside it: the log replays it."""
     if write.entries or write.snapshot is not None:
         return True
-    new, old = write.hard_state, view.hard_state
-    return new is not None and (new.term, new.voted_for) != (old.term, old.voted_for)
+    new = write.hard_state
+    return new is not None and (new.term, new.voted_for) != (persisted.term, persisted.voted_for)
 
 
 # --- The store: one environment, many groups. ---
@@ -532,7 +532,7 @@ class LmdbLogStore:
                     extra(txn)
                 return views
 
-            durable = any(_must_be_durable(w, groups[w.group_id]._view) for w in batch)
+            durable = any(must_be_durable(w, groups[w.group_id]._view.hard_state) for w in batch)
             for group_id, view in self._transact(build, durable=durable).items():
                 groups[group_id]._view = view
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from cli.bench import bench_command
+from cli.bulk_load import load_command
 from cli.cluster_commands import CLUSTER_COMMANDS
 from cli.data_commands import DATA_COMMANDS
 from cli.integrity_commands import INTEGRITY_COMMANDS
@@ -61,6 +63,8 @@ for _command in (
     *CLUSTER_COMMANDS,
     *INTEGRITY_COMMANDS,
     *SECURITY_COMMANDS,
+    bench_command,
+    load_command,
 ):
     kvctl.add_command(_command)
 

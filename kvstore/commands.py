@@ -127,7 +127,27 @@ class RestoreShard:
             raise TypeError(f"replace must be bool, not {type(self.replace).__name__}")
 
 
-Command = Put | Delete | Txn | HashCheck | RestoreShard
+@dataclass(frozen=True, slots=True)
+class PutBatch:
+    """Unconditional puts of keys of one shard, applied together at one index: the bulk-load
+    path (POST /v1/batch), one Raft entry per shard instead of one per key."""
+
+    items: tuple[tuple[str, bytes], ...]  # (key, value) in request order; a later one wins
+    idempotency_key: None = None  # re-running a batch of plain puts leaves the same values
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.items, tuple) or not self.items:
+            raise TypeError("items must be a non-empty tuple of (key, value)")
+        for item in self.items:
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise TypeError("items must hold (key, value) pairs")
+            _check_str("key", item[0])
+            _check_bytes("value", item[1])
+        if self.idempotency_key is not None:
+            raise TypeError("a batch carries no idempotency key")
+
+
+Command = Put | Delete | Txn | HashCheck | RestoreShard | PutBatch
 
 FAILED_PRECONDITION: Final = "precondition_failed"
 FAILED_NOT_FOUND: Final = "not_found"
@@ -187,13 +207,23 @@ class Restored:
             _check_version(name, getattr(self, name), optional=False)
 
 
-Outcome = KeyVersion | TxnResult | Failed | ReplicaHash | Restored
+@dataclass(frozen=True, slots=True)
+class BatchWritten:
+    """A PutBatch applied: every key in it now has this version (the entry's index)."""
+
+    version: int
+
+    def __post_init__(self) -> None:
+        _check_version("version", self.version, optional=False)
+
+
+Outcome = KeyVersion | TxnResult | Failed | ReplicaHash | Restored | BatchWritten
 _E = TypeVar("_E", bound=enum.Enum)
 
 # --- Wire tags and enum numbering. Append only: these bytes live in logs and snapshots. ---
 
-_PUT, _DELETE, _TXN, _HASH_CHECK, _RESTORE_SHARD = 1, 2, 3, 4, 5
-_KEY_VERSION, _FAILED, _TXN_RESULT, _REPLICA_HASH, _RESTORED = 1, 2, 3, 4, 5
+_PUT, _DELETE, _TXN, _HASH_CHECK, _RESTORE_SHARD, _PUT_BATCH = 1, 2, 3, 4, 5, 6
+_KEY_VERSION, _FAILED, _TXN_RESULT, _REPLICA_HASH, _RESTORED, _BATCH_WRITTEN = 1, 2, 3, 4, 5, 6
 _TARGETS = (CompareTarget.VERSION, CompareTarget.VALUE)
 _OPS = (CompareOp.EQUAL, CompareOp.NOT_EQUAL, CompareOp.LESS, CompareOp.GREATER)
 _KINDS = (TxnOpKind.PUT, TxnOpKind.DELETE, TxnOpKind.GET)
@@ -229,6 +259,8 @@ def encode_command(command: Command) -> bytes:
         fields = (_HASH_CHECK,)
     elif isinstance(command, RestoreShard):
         fields = (_RESTORE_SHARD, command.snapshot, command.replace)
+    elif isinstance(command, PutBatch):
+        fields = (_PUT_BATCH, command.items)
     else:
         raise TypeError(f"not a command: {command!r}")
     packed: bytes = msgpack.packb(fields)
@@ -263,6 +295,9 @@ def decode_command(data: bytes) -> Command:
         if tag == _RESTORE_SHARD:
             _, snapshot, replace = fields
             return RestoreShard(snapshot, replace)
+        if tag == _PUT_BATCH:
+            _, items = fields
+            return PutBatch(items)
     except (TypeError, ValueError, IndexError, KeyError) as exc:
         raise ValueError(f"malformed command: {exc}") from exc
     raise ValueError(f"unknown command tag {tag!r}")
@@ -301,6 +336,8 @@ def encode_outcome(outcome: Outcome) -> bytes:
         )
     elif isinstance(outcome, Restored):
         fields = (_RESTORED, outcome.index, outcome.key_count, outcome.content_digest)
+    elif isinstance(outcome, BatchWritten):
+        fields = (_BATCH_WRITTEN, outcome.version)
     else:
         raise TypeError(f"not an outcome: {outcome!r}")
     packed: bytes = msgpack.packb(fields)
@@ -331,6 +368,9 @@ def decode_outcome(data: bytes) -> Outcome:
         if tag == _RESTORED:
             _, index, key_count, content_digest = fields
             return Restored(index, key_count, content_digest)
+        if tag == _BATCH_WRITTEN:
+            _, version = fields
+            return BatchWritten(version)
     except (TypeError, ValueError, IndexError, KeyError) as exc:
         raise ValueError(f"malformed outcome: {exc}") from exc
     raise ValueError(f"unknown outcome tag {tag!r}")

@@ -13,7 +13,7 @@ import msgpack
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from kvstore.commands import Failed, ReplicaHash, Restored, encode_outcome
+from kvstore.commands import BatchWritten, Failed, ReplicaHash, Restored, encode_outcome
 from kvstore.consistency_check import ConsistencyChecker
 from kvstore.errors import Forbidden, InvalidRequest, KVError
 from kvstore.http_api import INTERNAL_ROUTE_PREFIX, error_response, read_body, txn_body_limit_bytes
@@ -117,7 +117,9 @@ def add_internal_routes(app: web.Application, router: Router, checker: Consisten
             return _error(InvalidRequest(str(error)))
         if isinstance(outcome, str | int | None):  # a metadata group result
             return web.Response(body=msgpack.packb(outcome), content_type="application/msgpack")
-        if not isinstance(outcome, KeyVersion | TxnResult | Failed | ReplicaHash | Restored):
+        if not isinstance(
+            outcome, KeyVersion | TxnResult | Failed | ReplicaHash | Restored | BatchWritten
+        ):
             raise AssertionError(f"unexpected outcome {outcome!r}")
         return web.Response(body=encode_outcome(outcome), content_type="application/msgpack")
 

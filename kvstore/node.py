@@ -20,6 +20,7 @@ from kvstore.consistency_check import ConsistencyChecker
 from kvstore.encryption import KeyFileError, ValueCipher, load_key_file
 from kvstore.http_api import AuthSettings, create_app
 from kvstore.internal_api import PeerGuard, add_internal_routes
+from kvstore.leader_balance import balance_leaders_forever
 from kvstore.listener import CappedTCPSite
 from kvstore.meta import MetaStateMachine
 from kvstore.metrics import IntegrityCollector, RaftCollector, SecurityCollector
@@ -96,6 +97,7 @@ class KVNode:
                 lambda: self.peer_guard.refused,
             )
         )
+        self._balancer: asyncio.Task[None] | None = None
 
     def _start_groups(self) -> ShardMap:
         config = self.config
@@ -173,6 +175,9 @@ class KVNode:
         )
         await self.transport.start()
         await self.host.start(self.transport)
+        self._balancer = asyncio.create_task(
+            balance_leaders_forever(config.node_id, self.host, self.meta), name="leader-balance"
+        )
         auth = AuthSettings(enabled=config.auth.enabled, directory=self.meta, admin=self.router)
         app = create_app(self.router, registry=self.registry, auth=auth)
         add_internal_routes(app, self.router, self.checker)
@@ -221,6 +226,8 @@ class KVNode:
             self._periodic_check.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._periodic_check
+        if self._balancer is not None:
+            self._balancer.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.host.stop()

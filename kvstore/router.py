@@ -26,9 +26,11 @@ from kvstore.commands import (
     FAILED_INVALID,
     FAILED_NOT_FOUND,
     FAILED_PRECONDITION,
+    BatchWritten,
     Delete,
     Failed,
     Put,
+    PutBatch,
     Txn,
     decode_command,
     encode_command,
@@ -177,6 +179,32 @@ class Router:
         command = encode_command(Txn(request, ctx.idempotency_key))
         outcome = await self.propose(shards.pop(), command, ctx, raise_failure=False)
         return _expect(TxnResult, outcome, ctx, set())  # a failed compare is a TxnResult too
+
+    async def batch_put(
+        self, items: Sequence[tuple[str, bytes]], ctx: RequestContext
+    ) -> list[int | KVError]:
+        shard_map = self.shard_map
+        positions_by_shard: dict[int, list[int]] = {}
+        for position, (key, _) in enumerate(items):
+            positions_by_shard.setdefault(shard_map.shard_for_key(key).id, []).append(position)
+
+        async def put_shard(shard_id: int, positions: list[int]) -> int:
+            command = PutBatch(tuple(items[position] for position in positions))
+            outcome = await self.propose(shard_id, encode_command(command), ctx)
+            assert isinstance(outcome, BatchWritten), outcome
+            return outcome.version
+
+        answers = await asyncio.gather(
+            *(put_shard(shard, positions) for shard, positions in positions_by_shard.items()),
+            return_exceptions=True,
+        )
+        results: list[int | KVError] = [ShardUnavailable("not attempted")] * len(items)
+        for positions, answer in zip(positions_by_shard.values(), answers, strict=True):
+            if isinstance(answer, BaseException) and not isinstance(answer, KVError):
+                raise answer  # a bug or a cancellation, not an outcome of this shard
+            for position in positions:
+                results[position] = answer
+        return results
 
     async def scan(
         self,

@@ -4,11 +4,14 @@ the values crossing it. http_api depends on this, never on the Raft or routing c
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from kvstore.query.spec import QuerySpec
+
+from kvstore.errors import KVError
 
 
 class Consistency(enum.Enum):
@@ -29,6 +32,8 @@ class Limits:
     # of idle sockets (connections beyond are closed at accept).
     max_requests_in_flight_per_client: int = 256
     max_client_connections: int = 1024
+    max_batch_puts: int = 10_000  # POST /v1/batch: puts per request
+    max_batch_bytes: int = 16 << 20  # POST /v1/batch: the JSON body
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -169,6 +174,12 @@ class KVService(Protocol):
 
     async def query(self, spec: QuerySpec, ctx: RequestContext) -> dict[str, Any]:
         """Run a query (docs/query.md); the answer as JSON."""
+
+    async def batch_put(
+        self, items: Sequence[tuple[str, bytes]], ctx: RequestContext
+    ) -> list[int | KVError]:
+        """Unconditional puts, one Raft entry per shard; one result per item, in order: the
+        key's new version, or the error that kept its shard's entry from committing."""
         ...
 
     async def cluster_status(self) -> dict[str, Any]: ...

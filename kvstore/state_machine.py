@@ -25,11 +25,13 @@ from kvstore.commands import (
     FAILED_INVALID,
     FAILED_NOT_FOUND,
     FAILED_PRECONDITION,
+    BatchWritten,
     Delete,
     Failed,
     HashCheck,
     Outcome,
     Put,
+    PutBatch,
     ReplicaHash,
     Restored,
     RestoreShard,
@@ -566,11 +568,15 @@ class _Batch:
             machine._record_outcome(self.txn, idempotency_key, index, outcome)
         return outcome
 
-    def _execute(self, command: Put | Delete | Txn, index: int) -> Outcome:
+    def _execute(self, command: Put | Delete | Txn | PutBatch, index: int) -> Outcome:
         if isinstance(command, Put):
             return self._put(command, index)
         if isinstance(command, Delete):
             return self._delete(command)
+        if isinstance(command, PutBatch):
+            for key, value in command.items:
+                self._write(key, value, index)
+            return BatchWritten(index)
         return self._txn(command, index)
 
     def _restore(self, command: RestoreShard, index: int) -> Outcome:

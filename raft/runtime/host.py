@@ -23,7 +23,7 @@ from raft.core.config import RaftConfig
 from raft.core.errors import NotLeader, ProposalDropped, RaftError
 from raft.core.messages import ConfChange, ConfState, Entry, Message, Ready, Snapshot
 from raft.core.node import RaftNode
-from raft.core.types import LogIndex, NodeId, Term
+from raft.core.types import NO_NODE, LogIndex, NodeId, Term
 from raft.storage.lmdb_log import GroupId, GroupWrite, LmdbLogStore
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ class _Group:
     # (its log is sound) but never leads again; a leader hands leadership to a peer.
     is_quarantined: bool = False
     quarantine_ticks: int = 0
+    transfer_wanted_to: NodeId = NO_NODE  # see RaftHost.request_leader_transfer
 
 
 @dataclass(slots=True)
@@ -304,6 +305,29 @@ class RaftHost:
         self._group(group_id).node.transfer_leader(target)
         self._wake.set()
 
+    def request_leader_transfer(self, group_id: int, target: NodeId) -> None:
+        """Hand leadership to `target` at the next iteration, but only if we lead, it is a voter
+        we heard from this election timeout, and it has our whole log: then the transfer ends
+        within a round trip, and a dead or lagging target never stalls proposals (which a
+        transfer in progress refuses) for an election timeout."""
+        self._group(group_id).transfer_wanted_to = target
+        self._wake.set()
+
+    def _maybe_start_transfer(self, group: _Group) -> None:
+        target, group.transfer_wanted_to = group.transfer_wanted_to, NO_NODE
+        node = group.node
+        if not node.is_leader or node.lead_transferee != NO_NODE or target == node.leader_id:
+            return
+        progress = node.progress(target)
+        if (
+            progress is None
+            or target not in node.conf.voters
+            or not progress.recent_active
+            or progress.match_index != node.log.last_index()
+        ):
+            return
+        node.transfer_leader(target)
+
     def _group(self, group_id: int) -> _Group:
         found = self._groups.get(GroupId(group_id))
         if found is None:
@@ -380,6 +404,8 @@ class RaftHost:
                     "group %s: dropped a bad message from %s: %s", group_id, message.sender, error
                 )
         for group in self._groups.values():
+            if group.transfer_wanted_to != NO_NODE:
+                self._maybe_start_transfer(group)
             if group.queued:
                 self._propose_queued(group)
             if group.reads_new:
@@ -453,6 +479,7 @@ class RaftHost:
             if step.ready.hard_state or step.ready.entries_to_persist or step.ready.snapshot
         ]
         applying = [step for step in steps if step.ready.entries_to_apply or step.ready.snapshot]
+        loop = asyncio.get_running_loop()
 
         def apply_in(txn: Any) -> None:
             for step in applying:
@@ -460,6 +487,14 @@ class RaftHost:
                     step.group.state_machine.restore(txn, step.ready.snapshot)
                 entries = step.ready.entries_to_apply
                 step.results = step.group.state_machine.apply(txn, entries) if entries else []
+                if entries:
+                    # Answer proposers now, while this transaction's fsync runs: the entries
+                    # are committed (durable on a quorum) and their results deterministic, so a
+                    # crash before our commit only replays them to the same results. No read
+                    # sees the state before the commit: read barriers resolve after it.
+                    loop.call_soon_threadsafe(
+                        self._resolve_proposals, step.group, entries, step.results
+                    )
 
         if not writes and not applying:
             return
@@ -486,17 +521,7 @@ class RaftHost:
                     future.set_exception(
                         OutcomeUnknown(f"entry {index} was covered by a snapshot from the leader")
                     )
-        for entry, result in zip(ready.entries_to_apply, step.results, strict=True):
-            pending = waiting.pop(entry.index, None)
-            if pending is None:
-                continue
-            term, future = pending
-            if future.done():
-                continue
-            if entry.term == term:
-                future.set_result(result)
-            else:
-                future.set_exception(ProposalDropped(f"entry {entry.index} went to another term"))
+        self._resolve_proposals(group, ready.entries_to_apply, step.results)
         self.metrics.entries_applied += len(ready.entries_to_apply)
         applied = ready.entries_to_apply[-1].index if ready.entries_to_apply else LogIndex(0)
         if ready.snapshot is not None:
@@ -516,6 +541,23 @@ class RaftHost:
                 else:
                     still_waiting.append((index, read_future))
             group.reads_to_apply = still_waiting
+
+    def _resolve_proposals(
+        self, group: _Group, entries: Sequence[Entry], results: Sequence[object]
+    ) -> None:
+        """Hand each applied entry's result to its proposer (once: a second call finds none)."""
+        waiting = group.waiting
+        for entry, result in zip(entries, results, strict=True):
+            pending = waiting.pop(entry.index, None)
+            if pending is None:
+                continue
+            term, future = pending
+            if future.done():
+                continue
+            if entry.term == term:
+                future.set_result(result)
+            else:
+                future.set_exception(ProposalDropped(f"entry {entry.index} went to another term"))
 
     def _maybe_snapshot(self, group: _Group) -> None:
         node = group.node

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from kvstore.errors import (
     CrossShardTxn,
     InvalidRequest,
+    KVError,
     NotFound,
     PayloadTooLarge,
     PreconditionFailed,
@@ -180,6 +181,20 @@ class FakeKVService:
         rows = [(key, self._data[key][0]) for key in sorted(self._data)]
         partial = execute_on_rows(ShardPlan.for_shard(spec, 0), rows)
         return merge_partials(spec, [partial]).to_json()
+
+    async def batch_put(
+        self, items: Sequence[tuple[str, bytes]], ctx: RequestContext
+    ) -> list[int | KVError]:
+        self._enter("batch_put", ctx, items=list(items))
+        version_by_shard: dict[int, int] = {}  # one entry per shard: one version
+        results: list[int | KVError] = []
+        for key, value in items:
+            shard = self.shard_of(key)
+            if shard not in version_by_shard:
+                version_by_shard[shard] = self._next_version()
+            self._data[key] = (value, version_by_shard[shard])
+            results.append(version_by_shard[shard])
+        return results
 
     async def cluster_status(self) -> dict[str, Any]:
         self._enter("cluster_status", None)

@@ -30,6 +30,7 @@ EXPECTED_ERRORS: dict[tuple[str, str], set[str]] = {
     ("DELETE", "/v1/kv/{key}"): {"400", "404", "412", "413"} | SERVICE_ERRORS | AUTHORIZED,
     ("GET", "/v1/scan"): {"400"} | SERVICE_ERRORS | AUTHORIZED,
     ("POST", "/v1/txn"): {"400", "413"} | SERVICE_ERRORS | AUTHORIZED,
+    ("POST", "/v1/batch"): {"400", "413"} | SERVICE_ERRORS | AUTHORIZED,
     ("POST", "/v1/query"): {"400", "413", "500", "503"} | AUTHORIZED,
     ("GET", "/v1/cluster"): {"500", "503"} | AUTHENTICATED,
     ("GET", "/health"): {"500"} | LIMITED,

@@ -293,15 +293,15 @@ def test_auth_without_tls_lets_nodes_forward_with_the_cluster_secret_only(
         cluster.stop()
 
 
-def test_a_node_with_auth_on_and_no_admin_account_refuses_to_start(tmp_path: Path) -> None:
-    secret = tmp_path / "cluster.secret"
-    secret.write_text("s" * 40)
+def single_node_config(tmp_path: Path, ports: tuple[int, int], extra: str) -> Path:
+    """A one-node cluster's config with `extra` TOML sections; port 0 listens anywhere."""
+    client, peer = ports
     config = tmp_path / "node.toml"
     config.write_text(
         f"""node_id = 1
 data_dir = "{tmp_path / "data"}"
-client_listen = "127.0.0.1:0"
-peer_listen = "127.0.0.1:0"
+client_listen = "127.0.0.1:{client}"
+peer_listen = "127.0.0.1:{peer}"
 
 [cluster]
 shards = 1
@@ -309,13 +309,19 @@ replication = 1
 
 [[cluster.nodes]]
 id = 1
-client_url = "http://127.0.0.1:1"
-peer_address = "127.0.0.1:2"
+client_url = "http://127.0.0.1:{client or 1}"
+peer_address = "127.0.0.1:{peer or 2}"
 
-[auth]
-enabled = true
-cluster_secret_file = "{secret}"
-"""
+{extra}"""
+    )
+    return config
+
+
+def test_a_node_with_auth_on_and_no_admin_account_refuses_to_start(tmp_path: Path) -> None:
+    secret = tmp_path / "cluster.secret"
+    secret.write_text("s" * 40)
+    config = single_node_config(
+        tmp_path, (0, 0), f'[auth]\nenabled = true\ncluster_secret_file = "{secret}"\n'
     )
     node = subprocess.run(
         [sys.executable, "-m", "kvstore", "--config", str(config)],
@@ -333,25 +339,8 @@ def test_connections_over_the_cap_are_closed_at_accept_and_counted(tmp_path: Pat
     """One node with limits.max_client_connections = 4: idle sockets cannot crowd it out for
     longer than they stay open, and each refusal is counted."""
     ports = free_ports(2)
-    config = tmp_path / "node.toml"
-    config.write_text(
-        f"""node_id = 1
-data_dir = "{tmp_path / "data"}"
-client_listen = "127.0.0.1:{ports[0]}"
-peer_listen = "127.0.0.1:{ports[1]}"
-
-[cluster]
-shards = 1
-replication = 1
-
-[[cluster.nodes]]
-id = 1
-client_url = "http://127.0.0.1:{ports[0]}"
-peer_address = "127.0.0.1:{ports[1]}"
-
-[limits]
-max_client_connections = 4
-"""
+    config = single_node_config(
+        tmp_path, (ports[0], ports[1]), "[limits]\nmax_client_connections = 4\n"
     )
     log = (tmp_path / "node.log").open("w")
     node = subprocess.Popen(

@@ -20,7 +20,7 @@ from kvstore.consistency_check import ConsistencyChecker
 from kvstore.encryption import KeyFileError, ValueCipher, load_key_file
 from kvstore.http_api import AuthSettings, create_app
 from kvstore.internal_api import PeerGuard, add_internal_routes
-from kvstore.leader_balance import balance_leaders_forever
+from kvstore.leader_balance import LeaderBalancer
 from kvstore.listener import CappedTCPSite
 from kvstore.meta import MetaStateMachine
 from kvstore.metrics import IntegrityCollector, RaftCollector, SecurityCollector
@@ -176,7 +176,8 @@ class KVNode:
         await self.transport.start()
         await self.host.start(self.transport)
         self._balancer = asyncio.create_task(
-            balance_leaders_forever(config.node_id, self.host, self.meta), name="leader-balance"
+            LeaderBalancer(config.node_id, self.host, self.meta).run_forever(),
+            name="leader-balance",
         )
         auth = AuthSettings(enabled=config.auth.enabled, directory=self.meta, admin=self.router)
         app = create_app(self.router, registry=self.registry, auth=auth)

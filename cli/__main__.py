@@ -6,6 +6,7 @@ import click
 
 from cli.cluster_commands import CLUSTER_COMMANDS
 from cli.data_commands import DATA_COMMANDS
+from cli.elastic_commands import ELASTIC_COMMANDS
 from cli.settings import ENDPOINTS_ENV, KvctlGroup, endpoints_option, json_option, timeout_option
 
 EPILOG = f"""\b
@@ -42,7 +43,7 @@ def kvctl() -> None:
     """kvctl: read and write keys, and run a local cluster, of the sharded Raft KV store."""
 
 
-for _command in (*DATA_COMMANDS, *CLUSTER_COMMANDS):
+for _command in (*DATA_COMMANDS, *CLUSTER_COMMANDS, *ELASTIC_COMMANDS):
     kvctl.add_command(_command)
 
 

@@ -14,7 +14,7 @@ import json
 import socket
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 from urllib.parse import quote, urlencode, urlsplit
 
 from cli.errors import (
@@ -47,11 +47,23 @@ class ScanPage:
     next_cursor: str | None  # None: no more pages
 
 
-class NodeStatus(TypedDict):
+class NodeStatus(TypedDict, total=False):
     id: int
     client_url: str
     peer_address: str
     reachable: bool
+    draining: bool  # being removed: its replicas move away
+    down: bool  # unreachable past down_after: its replicas are re-created elsewhere
+    replicas: int  # shard replicas the map places on it
+    leads: int
+
+
+class MoveStatus(TypedDict):
+    group: int  # a shard id, or 0: the meta group
+    from_node: int
+    to_node: int
+    from_replica: int
+    to_replica: int
 
 
 class ReplicaStatus(TypedDict):
@@ -80,6 +92,9 @@ class ClusterStatus(TypedDict):
     nodes: list[NodeStatus]
     shards: list[ShardStatus]
     healthy: bool
+    moves: NotRequired[list[MoveStatus]]  # replica moves in progress
+    meta_voters: NotRequired[list[int]]
+    balanced: NotRequired[bool]  # no move in progress and none planned
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +236,17 @@ class KVClient:
             )
         status: ClusterStatus = answer  # type: ignore[assignment]  # checked loosely above
         return status
+
+    def add_node(self, node_id: int, client_url: str, peer_address: str) -> int:
+        """Registers a node in the shard map; returns the map's new epoch."""
+        body = {"id": node_id, "client_url": client_url, "peer_address": peer_address}
+        response = self.request("POST", "/v1/admin/nodes", body=json.dumps(body).encode())
+        return int(response.json()["epoch"])
+
+    def drain_node(self, node_id: int) -> int:
+        """Starts moving every replica off the node; it leaves the map once it hosts none."""
+        response = self.request("POST", f"/v1/admin/nodes/{node_id}/drain")
+        return int(response.json()["epoch"])
 
     # -- transport ------------------------------------------------------------------------------
 

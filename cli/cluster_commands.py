@@ -34,7 +34,7 @@ from cli.settings import client_options, json_option, running_in_terminal, setti
 FOREGROUND_STATUS_INTERVAL_S = 5.0
 
 
-def _data_dir_option(command: Callable[..., Any]) -> Callable[..., Any]:
+def data_dir_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--data-dir",
         "-d",
@@ -129,7 +129,7 @@ def shards_command() -> None:
     type=click.IntRange(min=1),
     help=f"replicas per shard, at most --nodes [default: {launcher.DEFAULT_REPLICATION}]",
 )
-@_data_dir_option
+@data_dir_option
 @click.option(
     "--base-port",
     type=click.IntRange(min=1, max=65535),
@@ -345,7 +345,7 @@ def _status_line(data_dir: Path) -> Text:
 
 
 @cluster_group.command("down")
-@_data_dir_option
+@data_dir_option
 @json_option()
 def down_command(data_dir: Path | None) -> None:
     """Stop every node of the local cluster (SIGTERM, then SIGKILL after 10 s).
@@ -374,19 +374,21 @@ def down_command(data_dir: Path | None) -> None:
     )
 
 
-@click.group("node", short_help="Restart one node of the local cluster.")
+@click.group("node", short_help="Add, remove or restart a node.")
 def node_group() -> None:
-    """Manage one node of the local cluster.
+    """Manage one node: add a new one, drain and remove one, restart one of the local cluster.
 
     \b
-    Example:
+    Examples:
+      kvctl node add --wait
+      kvctl node remove 3 --wait
       kvctl node restart 2
     """
 
 
 @node_group.command("restart")
 @click.argument("node_id", metavar="ID", type=click.IntRange(min=1))
-@_data_dir_option
+@data_dir_option
 @click.option(
     "--ready-timeout",
     type=click.FloatRange(min=0),

@@ -4,7 +4,7 @@ each node reads. Writing files and probing ports is all it does; starting proces
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +102,8 @@ def node_toml(
     shards: int,
     replication: int,
     written_by: str = "`kvctl cluster up`",
+    elastic: Mapping[str, float] | None = None,
+    join: bool = False,
 ) -> str:
     """The config one node reads; the [cluster] part is identical in every node's file."""
     lines = [
@@ -115,6 +117,8 @@ def node_toml(
         f"shards = {shards}",
         f"replication = {replication}",
     ]
+    if join:  # a new node in a running cluster: it fetches the map from the nodes below
+        lines.append("join = true")
     for member in cluster:
         lines += [
             "",
@@ -123,6 +127,8 @@ def node_toml(
             f"client_url = {toml_string(member.client_url)}",
             f"peer_address = {toml_string(member.peer_address)}",
         ]
+    if elastic:
+        lines += ["", "[elastic]", *(f"{name} = {value!r}" for name, value in elastic.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -143,8 +149,14 @@ def toml_string(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-def write_configs(nodes: Sequence[PlannedNode], *, shards: int, replication: int) -> None:
+def write_configs(
+    nodes: Sequence[PlannedNode],
+    *,
+    shards: int,
+    replication: int,
+    elastic: Mapping[str, float] | None = None,
+) -> None:
     for node in nodes:
         node.data_dir.mkdir(parents=True, exist_ok=True)
-        text = node_toml(node, nodes, shards=shards, replication=replication)
+        text = node_toml(node, nodes, shards=shards, replication=replication, elastic=elastic)
         node.config_path.write_text(text, encoding="utf-8")

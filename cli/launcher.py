@@ -11,14 +11,14 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from cli import cluster_file, processes
 from cli.client import ClusterStatus, KVClient
 from cli.cluster_file import ClusterRecord, NodeRecord
-from cli.cluster_plan import plan_nodes, write_configs
+from cli.cluster_plan import PlannedNode, free_ports, node_toml, plan_nodes, write_configs
 from cli.errors import ClusterUnavailable, InvalidUsage, KvctlError
 
 NODE_COMMAND_ENV = "KVCTL_NODE_COMMAND"  # tests only: replaces `python -m kvstore`
@@ -42,6 +42,7 @@ class UpRequest:
     shards: int | None
     replication: int | None
     base_port: int | None
+    elastic: Mapping[str, float] | None = None  # node.toml [elastic] settings, new clusters
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +100,8 @@ def _create(request: UpRequest) -> ClusterRecord:
             "or pick another --data-dir"
         )
     planned = plan_nodes(count, request.data_dir, request.base_port)
-    write_configs(planned, shards=shards, replication=replication)
+    elastic = dict(request.elastic or {})
+    write_configs(planned, shards=shards, replication=replication, elastic=elastic)
     command = node_command()
     nodes = tuple(
         NodeRecord(
@@ -113,7 +115,7 @@ def _create(request: UpRequest) -> ClusterRecord:
         )
         for node in planned
     )
-    return ClusterRecord(nodes, shards, replication, cluster_file.now_iso())
+    return ClusterRecord(nodes, shards, replication, cluster_file.now_iso(), elastic)
 
 
 def _refuse_mismatch(existing: ClusterRecord, request: UpRequest) -> None:
@@ -250,6 +252,55 @@ def restart_node(data_dir: Path, node_id: int) -> tuple[NodeRecord, str]:
         record = record.with_pid(node_id, pid)
         cluster_file.save(data_dir, record)
     return record.node(node_id), outcome
+
+
+def add_node(data_dir: Path) -> NodeRecord:
+    """Registers a new node with the running cluster (it enters the shard map, so the
+    balancer starts moving replicas to it) and starts its process. Returns its record."""
+    with cluster_file.locked(data_dir):
+        record = load_cluster(data_dir)
+        node_id = max(node.id for node in record.nodes) + 1
+        client_port, peer_port = free_ports(2)
+        new = PlannedNode(node_id, client_port, peer_port, data_dir.resolve() / f"node{node_id}")
+        if new.data_dir.exists():
+            raise KvctlError(f"{new.data_dir} exists already; remove it or pick another cluster")
+        members = [_planned(node) for node in record.nodes]
+        new.data_dir.mkdir(parents=True)
+        new.config_path.write_text(
+            node_toml(
+                new,
+                [*members, new],
+                shards=record.shards,
+                replication=record.replication,
+                written_by="`kvctl node add`",
+                elastic=record.elastic,
+                join=True,
+            ),
+            encoding="utf-8",
+        )
+        KVClient(record.endpoints).add_node(node_id, new.client_url, new.peer_address)
+        argv = [*node_command(), "--config", str(new.config_path)]
+        pid = processes.spawn(argv, dict(NODE_ENV), new.log_path)
+        node = NodeRecord(
+            node_id, pid, new.client_url, new.peer_address, str(new.data_dir), argv, dict(NODE_ENV)
+        )
+        cluster_file.save(data_dir, record.with_node(node))
+    return node
+
+
+def forget_node(data_dir: Path, node_id: int) -> str:
+    """Stops a node that has left the cluster (drained) and drops it from cluster.json.
+    Its directory stays, for the operator to inspect or delete. Returns how it ended."""
+    with cluster_file.locked(data_dir):
+        record = load_cluster(data_dir)
+        (outcome,) = processes.stop_all([process_of(record.node(node_id))])
+        cluster_file.save(data_dir, record.without_node(node_id))
+    return outcome
+
+
+def _planned(node: NodeRecord) -> PlannedNode:
+    peer_port = int(node.peer_address.rpartition(":")[2])
+    return PlannedNode(node.id, node.client_port, peer_port, Path(node.data_dir))
 
 
 def load_cluster(data_dir: Path) -> ClusterRecord:

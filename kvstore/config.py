@@ -11,7 +11,7 @@ from typing import Any
 
 from kvstore.service import Limits
 from kvstore.sharding import NodeInfo
-from raft.core.types import NodeId
+from raft.core.types import MAX_NODE_ID, NodeId
 
 
 class ConfigError(ValueError):
@@ -39,6 +39,12 @@ class NodeConfig:
     # Test-only fault: linearizable reads served by any replica without ReadIndex. Refused
     # unless the process was started with --unsafe-test-faults.
     unsafe_stale_reads: bool = False
+    # Elasticity. join: this node is new to a running cluster; it fetches the shard map from
+    # the [[cluster.nodes]] listed (after `kvctl node add` registered it) instead of founding.
+    join: bool = False
+    down_after_s: float = 300.0  # unreachable this long: its replicas are re-created elsewhere
+    max_moves: int = 2  # replica moves in flight at once, cluster-wide
+    reconcile_interval_s: float = 0.5
 
 
 def parse_address(text: str, what: str) -> tuple[str, int]:
@@ -109,6 +115,7 @@ def load_config(argv: list[str] | None = None) -> NodeConfig:
     cluster = raw.get("cluster", {})
     limits_raw = raw.get("limits", {})
     raft_raw = raw.get("raft", {})
+    elastic_raw = raw.get("elastic", {})
     try:
         config = NodeConfig(
             node_id=NodeId(int(str(settings["node_id"]))),
@@ -134,6 +141,10 @@ def load_config(argv: list[str] | None = None) -> NodeConfig:
                 if "client_url" in route
             },
             unsafe_stale_reads=bool(raw.get("unsafe", {}).get("stale_reads", False)),
+            join=bool(cluster.get("join", False)),
+            down_after_s=float(elastic_raw.get("down_after_s", 300.0)),
+            max_moves=int(elastic_raw.get("max_moves", 2)),
+            reconcile_interval_s=float(elastic_raw.get("reconcile_interval_s", 0.5)),
         )
     except (TypeError, ValueError) as error:
         raise ConfigError(f"invalid setting: {error}") from error
@@ -142,6 +153,10 @@ def load_config(argv: list[str] | None = None) -> NodeConfig:
             "[unsafe] stale_reads makes reads non-linearizable and exists only to prove the "
             "test harness can catch it; refusing to start without --unsafe-test-faults"
         )
+    if config.down_after_s <= 0 or config.max_moves < 1 or config.reconcile_interval_s <= 0:
+        raise ConfigError("[elastic] down_after_s, max_moves, reconcile_interval_s must be > 0")
+    if not 1 <= config.node_id <= MAX_NODE_ID:
+        raise ConfigError(f"node_id must be from 1 to {MAX_NODE_ID}")
     if not config.initial_nodes:
         raise ConfigError("the config needs the initial cluster: one [[cluster.nodes]] per node")
     if config.node_id not in {node.id for node in config.initial_nodes}:

@@ -1,5 +1,6 @@
 """The metadata Raft group's state machine: the shard map, replicated so every node agrees on
-it and changes to it are linearizable. Members serve it; other nodes cache a copy."""
+it and changes to it are linearizable. Members serve it; other nodes cache a copy. Changes
+(kvstore.map_changes) apply deterministically, or are refused as a Failed outcome."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from typing import Any
 import lmdb
 import msgpack
 
+from kvstore.commands import FAILED_PRECONDITION, Failed
+from kvstore.map_changes import ChangeRefused, MapChange, apply_change, decode_change
+from kvstore.service import KeyVersion
 from kvstore.sharding import ShardMap
 from raft.core.messages import Entry, EntryKind, Snapshot
 from raft.core.types import LogIndex
@@ -18,9 +22,26 @@ _APPLIED_KEY = b"applied"
 _SET_MAP = 1
 
 
+SHARD_MAP_KEY = "(shard map)"  # what a change's KeyVersion names: its version is the epoch
+
+
 def encode_set_map(shard_map: ShardMap) -> bytes:
     packed: bytes = msgpack.packb((_SET_MAP, shard_map.encode()))
     return packed
+
+
+def decode_meta_command(data: bytes) -> ShardMap | MapChange:
+    """Raises ValueError for anything that is not a meta command."""
+    try:
+        tag, *fields = msgpack.unpackb(data)
+    except (ValueError, TypeError, msgpack.UnpackException) as error:
+        raise ValueError(f"malformed meta command: {error}") from error
+    if tag == _SET_MAP:
+        (payload,) = fields
+        return ShardMap.decode(payload)
+    if type(tag) is not int:
+        raise ValueError("malformed meta command tag")
+    return decode_change(tag, fields)
 
 
 class MetaStateMachine:
@@ -53,6 +74,11 @@ class MetaStateMachine:
         self._map = shard_map
         return True
 
+    def forget_applied(self) -> None:
+        """A new meta replica starts here: keep the cached map, but apply from a snapshot."""
+        with self._env.begin(write=True, db=self._db) as txn:
+            txn.delete(_APPLIED_KEY)
+
     def applied_index(self) -> LogIndex:
         with self._env.begin(db=self._db) as txn:
             raw = txn.get(_APPLIED_KEY)
@@ -63,19 +89,35 @@ class MetaStateMachine:
         for entry in entries:
             result: object = None
             if entry.kind is EntryKind.NORMAL and entry.data:
-                tag, payload = msgpack.unpackb(entry.data)
-                if tag != _SET_MAP:
-                    raise AssertionError(f"unknown meta command {tag} at index {entry.index}")
-                new_map = ShardMap.decode(payload)
-                # Deterministic: only a newer epoch replaces the map.
-                if self._map is None or new_map.epoch > self._map.epoch:
-                    txn.put(_MAP_KEY, payload, db=self._db)
-                    self._map = new_map
-                result = self._map.epoch if self._map else 0
+                try:
+                    command = decode_meta_command(entry.data)
+                except ValueError as error:
+                    raise AssertionError(f"meta entry {entry.index}: {error}") from error
+                result = self._apply_one(txn, command)
             results.append(result)
         if entries:
             txn.put(_APPLIED_KEY, entries[-1].index.to_bytes(8, "big"), db=self._db)
         return results
+
+    def _apply_one(self, txn: Any, command: ShardMap | MapChange) -> KeyVersion | Failed:
+        # The map as of this txn, not self._map: apply may be re-run on a retried txn.
+        raw = txn.get(_MAP_KEY, db=self._db)
+        current = ShardMap.decode(raw) if raw else None
+        if isinstance(command, ShardMap):
+            new_map = command
+        elif current is None:
+            raise AssertionError("a map change reached a meta group with no map")
+        else:
+            try:
+                new_map = apply_change(current, command)
+            except ChangeRefused as error:
+                return Failed(FAILED_PRECONDITION, str(error), current.epoch)
+        # Deterministic: only a newer epoch replaces the map.
+        if current is None or new_map.epoch > current.epoch:
+            txn.put(_MAP_KEY, new_map.encode(), db=self._db)
+            current = new_map
+        self._map = current
+        return KeyVersion(SHARD_MAP_KEY, current.epoch)
 
     def snapshot(self) -> bytes:
         return self._map.encode() if self._map else b""

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from kvstore.balancer import plan_changes
 from kvstore.commands import Delete, Failed, Put, Txn, decode_command, encode_command
 from kvstore.errors import (
     CrossShardTxn,
@@ -27,7 +28,7 @@ from kvstore.errors import (
     ShardUnavailable,
     StaleShardMap,
 )
-from kvstore.meta import MetaStateMachine
+from kvstore.meta import MetaStateMachine, decode_meta_command
 from kvstore.peer_client import (
     MAX_HOPS,
     NotLeaderHere,
@@ -46,10 +47,10 @@ from kvstore.service import (
     TxnRequest,
     TxnResult,
 )
-from kvstore.sharding import ShardMap, ShardSpec
+from kvstore.sharding import META_GROUP_ID, ShardMap, ShardSpec
 from kvstore.state_machine import KVStateMachine
 from raft.core.errors import NotLeader, ProposalDropped
-from raft.core.types import NO_NODE, NodeId
+from raft.core.types import NO_NODE, NodeId, node_of
 from raft.runtime.host import OutcomeUnknown as RaftOutcomeUnknown
 from raft.runtime.host import RaftHost
 
@@ -161,8 +162,8 @@ class Router:
         next_cursor = encode_cursor(items[-1].key) if len(merged) > limit and items else None
         return ScanPage(items, next_cursor)
 
-    async def cluster_status(self) -> dict[str, Any]:
-        shard_map = self.shard_map
+    async def node_statuses(self, shard_map: ShardMap) -> dict[NodeId, dict[str, Any] | None]:
+        """Every node's local Raft status (None: it did not answer within a second)."""
 
         async def node_status(node_id: NodeId) -> tuple[NodeId, dict[str, Any] | None]:
             if node_id == self.node_id:
@@ -174,13 +175,18 @@ class Router:
             except Exception:
                 return node_id, None
 
-        answers = dict(await asyncio.gather(*(node_status(n.id) for n in shard_map.nodes)))
+        return dict(await asyncio.gather(*(node_status(n.id) for n in shard_map.nodes)))
+
+    async def cluster_status(self) -> dict[str, Any]:
+        shard_map = self.shard_map
+        answers = await self.node_statuses(shard_map)
         shards = []
         healthy = True
         for shard in shard_map.shards:
             replicas = []
             leader, term = NO_NODE, 0
-            for node_id in shard.replicas:
+            for replica in shard.replicas:
+                node_id = node_of(replica)
                 status = (answers.get(node_id) or {}).get("groups", {}).get(str(shard.id))
                 if status is None:
                     replicas.append({"node": node_id, "reachable": False})
@@ -194,7 +200,9 @@ class Router:
                     "id": shard.id,
                     "start_token": shard.start_token,
                     "end_token": shard.end_token,
-                    "replicas": list(shard.replicas),
+                    "replicas": [node_of(replica) for replica in shard.replicas],
+                    "replica_ids": list(shard.replicas),
+                    "preferred_leader": node_of(shard.replicas[0]),
                     "leader": leader,
                     "term": term,
                     "replica_status": replicas,
@@ -206,14 +214,34 @@ class Router:
                 "client_url": n.client_url,
                 "peer_address": f"{n.peer_address[0]}:{n.peer_address[1]}",
                 "reachable": answers.get(n.id) is not None,
+                "draining": n.draining,
+                "down": n.down,
+                "replicas": sum(1 for shard in shard_map.shards_on(n.id)),
+                "leads": sum(1 for shard in shards if shard["leader"] == n.id),
             }
             for n in shard_map.nodes
+        ]
+        moves = [
+            {
+                "group": move.group,
+                "from_node": node_of(move.leaving),
+                "to_node": node_of(move.joining),
+                "from_replica": move.leaving,
+                "to_replica": move.joining,
+            }
+            for move in shard_map.moves
         ]
         return {
             "cluster_id": "pyraftkv",
             "epoch": shard_map.epoch,
             "nodes": nodes,
             "shards": shards,
+            "moves": moves,
+            "meta_voters": [node_of(replica) for replica in shard_map.meta_voters],
+            # No move in progress or planned, and every shard led by its preferred leader.
+            "balanced": not shard_map.moves
+            and not plan_changes(shard_map, max_moves=1)
+            and all(shard["leader"] == shard["preferred_leader"] for shard in shards),
             "healthy": healthy and all(n["reachable"] for n in nodes),
         }
 
@@ -248,7 +276,8 @@ class Router:
         """Fetch the shard map from the metadata group's members; adopt the newest. Returns
         whether ours changed."""
         shard_map = self.shard_map
-        urls = [self._url_of(voter) for voter in shard_map.meta_voters if voter != self.node_id]
+        voters = [node_of(replica) for replica in shard_map.meta_voters]
+        urls = [self._url_of(node) for node in voters if node != self.node_id]
 
         async def fetch(url: str) -> ShardMap | None:
             try:
@@ -271,7 +300,10 @@ class Router:
             groups[str(group_id)] = {
                 "role": status.role,
                 "term": status.term,
-                "leader": status.leader_id,
+                "leader": node_of(status.leader_id),
+                "replica_id": self._host.replica_id(group_id),
+                "voters": list(status.voters),
+                "learners": list(status.learners),
                 "commit_index": status.commit_index,
                 "applied_index": status.applied_index,
                 "last_index": status.last_index,
@@ -405,8 +437,11 @@ class Router:
         )
 
     async def serve_internal_propose(self, shard_id: int, command: bytes, hops: int) -> object:
-        try:
-            decode_command(command)  # refuse garbage before it takes a slot in the Raft log
+        try:  # refuse garbage before it takes a slot in the Raft log
+            if shard_id == META_GROUP_ID:
+                decode_meta_command(command)
+            else:
+                decode_command(command)
         except ValueError as error:
             raise InvalidRequest(f"malformed command: {error}") from error
         return await self.propose(shard_id, command, RequestContext(hops=hops))
@@ -470,7 +505,7 @@ class Router:
                 elif ctx.hops >= MAX_HOPS:
                     raise NotLeaderHere(
                         f"node {self.node_id} does not lead shard {shard.id}",
-                        host.leader_id(shard.id) if local else NO_NODE,
+                        node_of(host.leader_id(shard.id)) if local else NO_NODE,
                     )
             pause = _RETRY_PAUSE_S[min(attempt, len(_RETRY_PAUSE_S) - 1)]
             await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0)))
@@ -482,13 +517,13 @@ class Router:
 
     def _pick_target(self, shard: ShardSpec, hint: NodeId, local: bool, attempt: int) -> NodeId:
         if local:
-            leader = self._host.leader_id(shard.id)
+            leader = node_of(self._host.leader_id(shard.id))
             if leader not in (NO_NODE, self.node_id):
                 return leader
             return NO_NODE  # no leader known yet: wait for the election
         if hint != NO_NODE:
             return hint
-        others = [node for node in shard.replicas if node != self.node_id]
+        others = [node_of(r) for r in shard.replicas if node_of(r) != self.node_id]
         return others[attempt % len(others)] if others else NO_NODE
 
 

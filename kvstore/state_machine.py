@@ -185,6 +185,14 @@ class KVStateMachine:
             txn.put(prefix + _INDEX.pack(index), key, db=self._idem_by_index)
         self._write_meta(txn, snapshot.meta.index, len(data))
 
+    def clear(self) -> None:
+        """Delete this shard's whole state on this node (its replica left), so a later replica
+        of the shard here starts empty, as a new replica id must."""
+        with self._env.begin(write=True) as txn:
+            for db in (self._data, self._idem, self._idem_by_index):
+                _delete_range(txn.cursor(db=db), self._prefix)
+            txn.delete(self._prefix, db=self._meta)
+
     # ------------------------------------------------------------------ reads
 
     def get(self, key: str) -> KeyValue | None:

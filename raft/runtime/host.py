@@ -23,7 +23,8 @@ from raft.core.config import RaftConfig
 from raft.core.errors import NotLeader, ProposalDropped, RaftError
 from raft.core.messages import ConfChange, ConfState, Entry, Message, Ready, Snapshot
 from raft.core.node import RaftNode
-from raft.core.types import LogIndex, NodeId, Term
+from raft.core.progress import ProgressState
+from raft.core.types import LogIndex, NodeId, Term, node_of
 from raft.storage.lmdb_log import GroupId, GroupWrite, LmdbLogStore
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,9 @@ class HostConfig:
     snapshot_chunk_bytes: int = 1 << 20
     snapshot_every_entries: int = 10_000  # compact a group's log once this many are applied
 
-    def raft_config(self) -> RaftConfig:
+    def raft_config(self, replica_id: NodeId) -> RaftConfig:
         return RaftConfig(
-            node_id=self.node_id,
+            node_id=replica_id,
             election_timeout_ticks=self.election_timeout_ticks,
             heartbeat_interval_ticks=self.heartbeat_interval_ticks,
             max_inflight_messages=self.max_inflight_messages,
@@ -124,6 +125,7 @@ class _Group:
     reads: dict[bytes, asyncio.Future[None]] = field(default_factory=dict)  # ReadIndex asked
     reads_to_apply: list[tuple[LogIndex, asyncio.Future[None]]] = field(default_factory=list)
     snapshot_index: LogIndex = LogIndex(0)
+    snapshot_wanted: bool = False  # compact at the next chance, whatever the log's length
 
 
 @dataclass(slots=True)
@@ -156,10 +158,20 @@ class RaftHost:
 
     # ------------------------------------------------------------------ lifecycle
     def add_group(
-        self, group_id: int, state_machine: StateMachine, *, bootstrap: ConfState | None = None
+        self,
+        group_id: int,
+        state_machine: StateMachine,
+        *,
+        bootstrap: ConfState | None = None,
+        replica_id: NodeId | None = None,
     ) -> None:
         """Start a replica of group_id here. `bootstrap` gives the membership of a brand-new
-        group; a replica joining an existing group starts empty and learns it from the leader."""
+        group; a replica joining an existing group starts empty and learns it from the leader.
+        `replica_id` is its member id in the group (default: this node's id); its node bits
+        must be this node's."""
+        member = self.config.node_id if replica_id is None else replica_id
+        if node_of(member) != self.config.node_id:
+            raise ValueError(f"replica {member} does not belong on node {self.config.node_id}")
         gid = GroupId(group_id)
         if gid in self._groups:
             raise ValueError(f"group {group_id} already runs on node {self.config.node_id}")
@@ -168,7 +180,7 @@ class RaftHost:
         storage = self._store.group(gid)
         applied = state_machine.applied_index()
         node = RaftNode(
-            self.config.raft_config(),
+            self.config.raft_config(member),
             storage,
             self._new_rng(),
             applied=applied,
@@ -246,6 +258,22 @@ class RaftHost:
             learners=tuple(sorted(conf.learners)),
         )
 
+    def replica_id(self, group_id: int) -> NodeId:
+        """This node's member id in the group."""
+        return self._group(group_id).node.id
+
+    def is_caught_up(self, group_id: int, member: NodeId) -> bool:
+        """Leader only: `member` answered recently, replicates normally (no snapshot in
+        flight) and holds every committed entry: safe to promote, or to hand leadership to."""
+        node = self._group(group_id).node
+        progress = node.progress(member)
+        return (
+            progress is not None
+            and progress.recent_active
+            and progress.state is ProgressState.REPLICATE
+            and progress.match_index >= node.commit_index
+        )
+
     def leader_id(self, group_id: int) -> NodeId:
         return self._group(group_id).node.leader_id
 
@@ -282,6 +310,18 @@ class RaftHost:
         group.reads_new[context] = future
         self._wake.set()
         await future
+
+    async def compact(self, group_id: int, *, timeout_s: float = 5.0) -> None:
+        """Take a snapshot of what the group applied now and compact the log behind it, so a
+        replica that joins later starts from a snapshot rather than replaying the log."""
+        group = self._group(group_id)
+        target = group.node.last_applied
+        deadline = time.monotonic() + timeout_s
+        while group.snapshot_index < target:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"group {group_id} did not compact to {target}")
+            group.snapshot_wanted = True  # taken after the group's next Ready (a heartbeat)
+            await asyncio.sleep(0.02)
 
     def transfer_leader(self, group_id: int, target: NodeId) -> None:
         self._group(group_id).node.transfer_leader(target)
@@ -488,7 +528,10 @@ class RaftHost:
     def _maybe_snapshot(self, group: _Group) -> None:
         node = group.node
         applied = node.last_applied
-        if applied - group.snapshot_index < self.config.snapshot_every_entries:
+        wanted, group.snapshot_wanted = group.snapshot_wanted, False
+        if applied <= group.snapshot_index:
+            return
+        if not wanted and applied - group.snapshot_index < self.config.snapshot_every_entries:
             return
         data = group.state_machine.snapshot()
         self._store.create_snapshot(group.id, applied, node.conf_at(applied), data)

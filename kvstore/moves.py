@@ -1,0 +1,136 @@
+"""MoveExecutor: on the leader of each group this node leads, takes the group's move one
+Raft membership step further, and hands leadership to the map's preferred leader.
+
+Every step is derived from the group's current membership, never from memory, so a step
+that was lost (crash, lost leadership, timeout) is simply taken again by whoever leads next:
+  joiner absent         -> add it as a learner (the leader streams it a snapshot)
+  joiner a learner      -> promote it once it holds every committed entry
+  joiner a voter, leaver still a member -> remove the leaver (leader first hands off)
+  joiner a voter, leaver gone           -> record the finished move in the shard map
+A joiner whose node was declared down before promotion is removed and the move aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Protocol
+
+from kvstore.errors import KVError
+from kvstore.map_changes import AbortMove, FinishMove, MapChange, encode_change
+from kvstore.service import RequestContext
+from kvstore.sharding import META_GROUP_ID, Move, ShardMap
+from raft.core.errors import RaftError
+from raft.core.messages import ConfChange, ConfChangeType
+from raft.core.types import NodeId, node_of
+from raft.runtime.host import RaftHost
+
+log = logging.getLogger(__name__)
+
+STEP_TIMEOUT_S = 5.0
+TRANSFER_RETRY_S = 3.0  # a hand-off not done by then is tried again (the core gives up)
+
+
+class MetaProposer(Protocol):
+    """What the executor needs from the router: propose a shard map change."""
+
+    async def propose(self, shard_id: int, command: bytes, ctx: RequestContext) -> object: ...
+
+
+async def propose_map_change(router: MetaProposer, change: MapChange) -> bool:
+    """Whether the meta group accepted the change (False: refused, or not reachable now)."""
+    try:
+        await router.propose(META_GROUP_ID, encode_change(change), RequestContext())
+    except KVError as error:
+        log.info("map change %s not applied: %s", change, error)
+        return False
+    return True
+
+
+class MoveExecutor:
+    def __init__(self, host: RaftHost, router: MetaProposer) -> None:
+        self._host = host
+        self._router = router
+        self._last_transfer: dict[int, float] = {}  # group -> monotonic time of the attempt
+
+    async def run_once(self, shard_map: ShardMap) -> None:
+        for group_id in self._host.group_ids():
+            if not self._host.has_group(group_id) or not self._host.is_leader(group_id):
+                continue
+            move = shard_map.move_of(group_id)
+            try:
+                if move is not None:
+                    await self._step(shard_map, move)
+                else:
+                    await self._tidy(shard_map, group_id)
+            except (RaftError, ValueError, KeyError, TimeoutError) as error:
+                # Lost leadership, a change already in flight, a group removed meanwhile:
+                # the next round looks again.
+                log.debug("group %d: move step deferred: %r", group_id, error)
+
+    async def _step(self, shard_map: ShardMap, move: Move) -> None:
+        group = move.group
+        status = self._host.status(group)
+        voters, learners = set(status.voters), set(status.learners)
+        joining, leaving = move.joining, move.leaving
+        if joining not in voters and _is_down(shard_map, joining):
+            if joining in learners:
+                await self._change(group, ConfChangeType.REMOVE_NODE, joining)
+            else:
+                await propose_map_change(self._router, AbortMove(move))
+            return
+        if joining not in voters | learners:
+            if leaving not in voters:
+                log.warning("group %d: move %s lost its leaver; aborting it", group, move)
+                await propose_map_change(self._router, AbortMove(move))
+                return
+            if group == META_GROUP_ID:
+                # The meta map is initialised outside the log: a new member must start from
+                # a snapshot, never replay the log from index 1.
+                await self._host.compact(group)
+            await self._change(group, ConfChangeType.ADD_LEARNER, joining)
+        elif joining in learners:
+            if self._host.is_caught_up(group, joining):
+                await self._change(group, ConfChangeType.ADD_VOTER, joining)
+        elif leaving in voters | learners:
+            if leaving == self._host.replica_id(group):
+                self._hand_off(group, joining)
+            else:
+                await self._change(group, ConfChangeType.REMOVE_NODE, leaving)
+        elif await propose_map_change(self._router, FinishMove(move)):
+            log.info("group %d: move %s finished", group, move)
+
+    async def _tidy(self, shard_map: ShardMap, group: int) -> None:
+        status = self._host.status(group)
+        members = set(shard_map.shard(group).replicas)
+        for learner in status.learners:
+            if learner not in members:  # left over from an aborted move
+                await self._change(group, ConfChangeType.REMOVE_NODE, learner)
+                return
+        preferred = shard_map.shard(group).replicas[0]
+        if (
+            group != META_GROUP_ID
+            and preferred != self._host.replica_id(group)
+            and preferred in status.voters
+            and not _is_down(shard_map, preferred)
+        ):
+            self._hand_off(group, preferred)
+
+    def _hand_off(self, group: int, target: NodeId) -> None:
+        now = time.monotonic()
+        if now - self._last_transfer.get(group, 0.0) < TRANSFER_RETRY_S:
+            return
+        if self._host.is_caught_up(group, target):
+            self._last_transfer[group] = now
+            self._host.transfer_leader(group, target)
+
+    async def _change(self, group: int, change_type: ConfChangeType, replica: NodeId) -> None:
+        log.info("group %d: %s replica %d", group, change_type.name, replica)
+        future = self._host.propose_conf_change(group, ConfChange(change_type, replica))
+        await asyncio.wait_for(future, STEP_TIMEOUT_S)
+
+
+def _is_down(shard_map: ShardMap, replica: NodeId) -> bool:
+    node = node_of(replica)
+    return not shard_map.has_node(node) or shard_map.node(node).down

@@ -84,7 +84,7 @@ class LocalReplicas:
     def _wipe(self, group_id: int) -> None:
         self._store.drop_group(GroupId(group_id))
         if group_id == META_GROUP_ID:
-            self._meta.forget_applied()
+            self._meta.clear_applied()
         else:
             machine = self._shards.pop(group_id, None) or KVStateMachine(self._env, group_id)
             machine.clear()

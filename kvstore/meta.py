@@ -19,6 +19,7 @@ from raft.core.types import LogIndex
 
 _MAP_KEY = b"shard_map"
 _APPLIED_KEY = b"applied"
+_CACHE_KEY = b"learned_shard_map"
 _SET_MAP = 1
 
 
@@ -45,20 +46,28 @@ def decode_meta_command(data: bytes) -> ShardMap | MapChange:
 
 
 class MetaStateMachine:
+    """The map this node's meta replica applied (_MAP_KEY, Raft state: only apply, restore
+    and the founding initialize write it) and, apart, the newest map learned from peers
+    (_CACHE_KEY): a node outside the meta group, or a member that lags, still routes by it."""
+
     def __init__(self, env: lmdb.Environment) -> None:
         self._env = env
         self._db = env.open_db(b"meta.state")
         with env.begin(db=self._db) as txn:
-            raw = txn.get(_MAP_KEY)
+            raw, cached = txn.get(_MAP_KEY), txn.get(_CACHE_KEY)
         self._map: ShardMap | None = ShardMap.decode(raw) if raw else None
+        self._cached: ShardMap | None = ShardMap.decode(cached) if cached else None
 
     @property
     def shard_map(self) -> ShardMap | None:
-        return self._map
+        """The newest map this node knows, applied or learned."""
+        if self._cached is None or (self._map and self._map.epoch >= self._cached.epoch):
+            return self._map
+        return self._cached
 
     def initialize(self, shard_map: ShardMap) -> None:
         """Every founding node writes the same initial map before its meta replica starts."""
-        if self._map is not None:
+        if self.shard_map is not None:
             return
         with self._env.begin(write=True, db=self._db) as txn:
             txn.put(_MAP_KEY, shard_map.encode())
@@ -66,18 +75,25 @@ class MetaStateMachine:
 
     def adopt(self, shard_map: ShardMap) -> bool:
         """Cache a newer map learned from a peer (this node's copy was stale). Returns whether
-        it was newer. Deterministic apply is unaffected: Raft only ever moves the epoch up."""
-        if self._map is not None and shard_map.epoch <= self._map.epoch:
+        it was newer. The applied map, and so deterministic apply, is unaffected."""
+        current = self.shard_map
+        if current is not None and shard_map.epoch <= current.epoch:
             return False
         with self._env.begin(write=True, db=self._db) as txn:
-            txn.put(_MAP_KEY, shard_map.encode())
-        self._map = shard_map
+            txn.put(_CACHE_KEY, shard_map.encode())
+        self._cached = shard_map
         return True
 
-    def forget_applied(self) -> None:
-        """A new meta replica starts here: keep the cached map, but apply from a snapshot."""
+    def clear_applied(self) -> None:
+        """A new meta replica starts here: it applies from a snapshot, never from the state
+        of a replica this node hosted before. The learned map stays for routing meanwhile."""
+        current = self.shard_map
         with self._env.begin(write=True, db=self._db) as txn:
             txn.delete(_APPLIED_KEY)
+            txn.delete(_MAP_KEY)
+            if current is not None:
+                txn.put(_CACHE_KEY, current.encode())
+        self._map, self._cached = None, current
 
     def applied_index(self) -> LogIndex:
         with self._env.begin(db=self._db) as txn:

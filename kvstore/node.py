@@ -134,8 +134,10 @@ class KVNode:
         self._peer_addresses = wanted
 
     async def _elastic_round(self) -> None:
-        if not self.host.has_group(META_GROUP_ID):
-            await self.router.refresh_map()  # not a meta member: poll for changes
+        host = self.host
+        if not (host.has_group(META_GROUP_ID) and host.is_leader(META_GROUP_ID)):
+            # Not a meta member, or one that may lag or have been removed unawares: poll.
+            await self.router.refresh_map()
         shard_map = self.meta.shard_map
         assert shard_map is not None
         self._update_peers(shard_map)

@@ -12,7 +12,7 @@ from collections import Counter
 
 from kvstore.map_changes import MapChange, SetPreferredLeader, StartMove
 from kvstore.sharding import META_GROUP_ID, ShardMap
-from raft.core.types import NodeId, node_of
+from raft.core.types import NO_NODE, NodeId, node_of
 
 
 def plan_changes(shard_map: ShardMap, *, max_moves: int) -> list[MapChange]:
@@ -32,7 +32,7 @@ def plan_changes(shard_map: ShardMap, *, max_moves: int) -> list[MapChange]:
         busy.add(group)
         hosts[group].discard(node_of(leaving))
         hosts[group].add(target)
-        if group != META_GROUP_ID:
+        if group != META_GROUP_ID and target != NO_NODE:
             load[target] += 1
             if node_of(leaving) in load:
                 load[node_of(leaving)] -= 1
@@ -47,6 +47,8 @@ def plan_changes(shard_map: ShardMap, *, max_moves: int) -> list[MapChange]:
             candidates = [node for node in active if node not in hosts[group]]
             if candidates:
                 start(group, replica, min(candidates, key=lambda node: (load[node], node)))
+            elif group == META_GROUP_ID and shard_map.node(node_of(replica)).draining:
+                start(group, replica, NO_NODE)  # every node holds meta: shrink it instead
             break
     # (2) even out shard replicas
     while len(changes) < budget:
@@ -84,7 +86,8 @@ def _hosts(shard_map: ShardMap, group: int) -> set[NodeId]:
     move = shard_map.move_of(group)
     if move is not None:
         nodes.discard(node_of(move.leaving))
-        nodes.add(node_of(move.joining))
+        if move.joining != NO_NODE:
+            nodes.add(node_of(move.joining))
     return nodes
 
 
@@ -113,18 +116,45 @@ def _even_leaders(shard_map: ShardMap, active: list[NodeId]) -> list[MapChange]:
                 prefer(shard.id, min(options, key=lambda r: (leads[node_of(r)], r)))
     for _ in range(len(shard_map.shards)):
         most = max(active, key=lambda node: (leads[node], -node))
-        least = min(active, key=lambda node: (leads[node], node))
-        if leads[most] - leads[least] <= 1:
+        path = _leader_path(shard_map, preferred, leads, changed, most)
+        if path is None:
             break
-        candidates = [
-            (shard.id, replica)
-            for shard in shard_map.shards
-            if preferred[shard.id] == most and shard.id not in changed
-            for replica in shard.replicas
-            if leads.get(node_of(replica), leads[most]) < leads[most] - 1
-        ]
-        if not candidates:
-            break
-        shard_id, replica = min(candidates, key=lambda c: (leads[node_of(c[1])], c[1]))
-        prefer(shard_id, replica)
+        for shard_id, replica in path:  # each node on the way gives one lead, takes one
+            prefer(shard_id, replica)
     return changes
+
+
+def _leader_path(
+    shard_map: ShardMap,
+    preferred: dict[int, NodeId],
+    leads: Counter[NodeId],
+    changed: set[int],
+    most: NodeId,
+) -> list[tuple[int, NodeId]] | None:
+    """Breadth-first from the node leading most, along "shard led by u has a replica on v",
+    to a node leading at least two fewer: handing each shard on the path to the next node
+    evens the two ends and leaves the nodes between unchanged. None: already even."""
+    came_from: dict[NodeId, tuple[NodeId, int, NodeId]] = {}
+    frontier, seen = [most], {most}
+    while frontier:
+        next_frontier = []
+        for node in frontier:
+            for shard in shard_map.shards:
+                if preferred[shard.id] != node or shard.id in changed:
+                    continue
+                for replica in shard.replicas:
+                    target = node_of(replica)
+                    if target in seen or target not in leads:
+                        continue
+                    seen.add(target)
+                    came_from[target] = (node, shard.id, replica)
+                    if leads[target] <= leads[most] - 2:
+                        path = []
+                        while target != most:
+                            source, shard_id, via = came_from[target]
+                            path.append((shard_id, via))
+                            target = source
+                        return path[::-1]
+                    next_frontier.append(target)
+        frontier = next_frontier
+    return None

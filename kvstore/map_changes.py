@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import msgpack
 
 from kvstore.sharding import META_GROUP_ID, Move, NodeInfo, ShardMap
-from raft.core.types import NodeId, node_of
+from raft.core.types import NO_NODE, NodeId, node_of
 
 
 class ChangeRefused(Exception):
@@ -48,7 +48,9 @@ class RemoveNode:
 class StartMove:
     group: int
     leaving: NodeId  # replica id
-    joining_node: NodeId  # the node that gets a new replica id
+    # The node that gets a new replica id; NO_NODE (meta group only, when every node already
+    # holds it): just remove `leaving`, shrinking the group.
+    joining_node: NodeId
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +126,8 @@ def _changed(shard_map: ShardMap, change: MapChange) -> ShardMap:
                 raise ChangeRefused(f"group {group} already has a move in progress")
             if leaving not in replicas:
                 raise ChangeRefused(f"replica {leaving} is not in group {group}")
+            if joining_node == NO_NODE and group == META_GROUP_ID and len(replicas) > 1:
+                return replace(shard_map, moves=(*shard_map.moves, Move(group, leaving, NO_NODE)))
             if not shard_map.has_node(joining_node) or not shard_map.node(joining_node).is_active:
                 raise ChangeRefused(f"node {joining_node} is not an active member")
             if any(node_of(r) == joining_node for r in replicas):
@@ -140,6 +144,7 @@ def _changed(shard_map: ShardMap, change: MapChange) -> ShardMap:
             replicas = tuple(
                 move.joining if r == move.leaving else r
                 for r in shard_map.shard(move.group).replicas
+                if r != move.leaving or move.joining != NO_NODE
             )
             return _with_replicas(_without_move(shard_map, move), move.group, replicas)
         case AbortMove(move):

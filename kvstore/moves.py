@@ -23,7 +23,7 @@ from kvstore.service import RequestContext
 from kvstore.sharding import META_GROUP_ID, Move, ShardMap
 from raft.core.errors import RaftError
 from raft.core.messages import ConfChange, ConfChangeType
-from raft.core.types import NodeId, node_of
+from raft.core.types import NO_NODE, NodeId, node_of
 from raft.runtime.host import RaftHost
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,9 @@ class MoveExecutor:
         status = self._host.status(group)
         voters, learners = set(status.voters), set(status.learners)
         joining, leaving = move.joining, move.leaving
+        if joining == NO_NODE:  # the meta group shrinks: only remove the leaver
+            await self._remove_leaver(group, move, voters | learners)
+            return
         if joining not in voters and _is_down(shard_map, joining):
             if joining in learners:
                 await self._change(group, ConfChangeType.REMOVE_NODE, joining)
@@ -93,11 +96,21 @@ class MoveExecutor:
         elif joining in learners:
             if self._host.is_caught_up(group, joining):
                 await self._change(group, ConfChangeType.ADD_VOTER, joining)
-        elif leaving in voters | learners:
-            if leaving == self._host.replica_id(group):
-                self._hand_off(group, joining)
+        else:
+            await self._remove_leaver(group, move, voters | learners)
+
+    async def _remove_leaver(self, group: int, move: Move, members: set[NodeId]) -> None:
+        """Once the joiner votes (or there is none): remove the leaver, then record it."""
+        if move.leaving in members:
+            if move.leaving != self._host.replica_id(group):
+                await self._change(group, ConfChangeType.REMOVE_NODE, move.leaving)
+            elif move.joining != NO_NODE:
+                self._hand_off(group, move.joining)
             else:
-                await self._change(group, ConfChangeType.REMOVE_NODE, leaving)
+                others = sorted(members - {move.leaving})
+                caught_up = [r for r in others if self._host.is_caught_up(group, r)]
+                if caught_up:
+                    self._hand_off(group, caught_up[0])
         elif await propose_map_change(self._router, FinishMove(move)):
             log.info("group %d: move %s finished", group, move)
 

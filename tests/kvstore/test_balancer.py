@@ -132,7 +132,8 @@ def test_a_move_gets_a_replica_id_never_used_before():
     leaving = shard_map.shards[0].replicas[0]
     first = apply_change(shard_map, StartMove(1, leaving, NodeId(5)))
     (move,) = first.moves
-    assert node_of(move.joining) == 5 and move.joining != 5
+    assert node_of(move.joining) == 5
+    assert move.joining != 5
     back = apply_change(apply_change(first, FinishMove(move)), StartMove(1, move.joining, leaving))
     assert back.moves[0].joining not in (leaving, move.joining)
     assert node_of(back.moves[0].joining) == node_of(leaving)

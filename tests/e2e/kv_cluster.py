@@ -30,10 +30,19 @@ class Response:
 
 
 class KVCluster:
-    def __init__(self, data_dir: Path, nodes: int = 3, shards: int = 4, replication: int = 3):
+    def __init__(
+        self,
+        data_dir: Path,
+        nodes: int = 3,
+        shards: int = 4,
+        replication: int = 3,
+        elastic: dict[str, float] | None = None,
+    ):
         self.data_dir = data_dir
         result = launcher.start_cluster(
-            launcher.UpRequest(data_dir, nodes, shards, replication, base_port=None)
+            launcher.UpRequest(
+                data_dir, nodes, shards, replication, base_port=None, elastic=elastic
+            )
         )
         self.record: ClusterRecord = result.record
         try:
@@ -69,6 +78,21 @@ class KVCluster:
 
     def stop(self) -> None:
         launcher.stop_cluster(self.data_dir)
+
+    def restart(self, node_id: int) -> None:
+        launcher.restart_node(self.data_dir, node_id)
+        self.record = launcher.load_cluster(self.data_dir)
+
+    def add_node(self) -> int:
+        """Starts a new node and joins it (as `kvctl node add`); returns its id."""
+        node = launcher.add_node(self.data_dir)
+        self.record = launcher.load_cluster(self.data_dir)
+        return node.id
+
+    def forget_node(self, node_id: int) -> None:
+        """Stops a node that has left the cluster and drops it from the record."""
+        launcher.forget_node(self.data_dir, node_id)
+        self.record = launcher.load_cluster(self.data_dir)
 
     @property
     def node_ids(self) -> list[int]:

@@ -12,7 +12,7 @@ from aiohttp import web
 from kvstore.config import ConfigError, parse_address
 from kvstore.errors import InvalidRequest
 from kvstore.map_changes import AddNode, DrainNode, MapChange, encode_change
-from kvstore.router import Router
+from kvstore.moves import MetaProposer
 from kvstore.service import KeyVersion, RequestContext
 from kvstore.sharding import META_GROUP_ID, NodeInfo
 from raft.core.types import MAX_NODE_ID, NodeId
@@ -20,7 +20,7 @@ from raft.core.types import MAX_NODE_ID, NodeId
 MAX_ADMIN_BODY_BYTES = 4096
 
 
-def add_admin_routes(app: web.Application, router: Router) -> None:
+def add_admin_routes(app: web.Application, router: MetaProposer) -> None:
     async def apply(change: MapChange) -> web.Response:
         outcome = await router.propose(META_GROUP_ID, encode_change(change), RequestContext())
         assert isinstance(outcome, KeyVersion), outcome

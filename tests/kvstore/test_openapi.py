@@ -10,7 +10,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from kvstore import errors
+from kvstore.admin_api import add_admin_routes
 from kvstore.http_api import create_app
+from kvstore.service import RequestContext
 from tests.kvstore.fake_service import FakeKVService
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
@@ -29,6 +31,8 @@ EXPECTED_ERRORS: dict[tuple[str, str], set[str]] = {
     ("GET", "/health"): {"500"},
     ("GET", "/ready"): {"500", "503"},
     ("GET", "/metrics"): {"500"},
+    ("POST", "/v1/admin/nodes"): {"400", "412", *SERVICE_ERRORS},
+    ("POST", "/v1/admin/nodes/{node_id}/drain"): {"400", "412", *SERVICE_ERRORS},
 }
 
 
@@ -57,8 +61,14 @@ def resolve(spec: dict[str, Any], node: Any) -> Any:
     return node
 
 
+class UnusedMetaProposer:
+    async def propose(self, shard_id: int, command: bytes, ctx: RequestContext) -> object:
+        raise AssertionError("only the routes are inspected")
+
+
 def served_routes() -> set[tuple[str, str]]:
     app = create_app(FakeKVService(), registry=CollectorRegistry())
+    add_admin_routes(app, UnusedMetaProposer())
     return {
         (route.method, route.resource.canonical)
         for route in app.router.routes()

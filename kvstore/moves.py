@@ -136,7 +136,10 @@ class MoveExecutor:
             return
         if self._host.is_caught_up(group, target):
             self._last_transfer[group] = now
+            log.info("group %d: handing leadership to replica %d", group, target)
             self._host.transfer_leader(group, target)
+        else:
+            log.debug("group %d: replica %d not caught up for a hand-off", group, target)
 
     async def _change(self, group: int, change_type: ConfChangeType, replica: NodeId) -> None:
         log.info("group %d: %s replica %d", group, change_type.name, replica)

@@ -263,14 +263,15 @@ class RaftHost:
         return self._group(group_id).node.id
 
     def is_caught_up(self, group_id: int, member: NodeId) -> bool:
-        """Leader only: `member` answered recently, replicates normally (no snapshot in
-        flight) and holds every committed entry: safe to promote, or to hand leadership to."""
+        """Leader only: `member` answered recently, has no snapshot in flight and holds
+        every committed entry: safe to promote, or to hand leadership to. (Not "REPLICATE":
+        a follower that never needed an append since a probe stays in PROBE, caught up.)"""
         node = self._group(group_id).node
         progress = node.progress(member)
         return (
             progress is not None
             and progress.recent_active
-            and progress.state is ProgressState.REPLICATE
+            and progress.state is not ProgressState.SNAPSHOT
             and progress.match_index >= node.commit_index
         )
 

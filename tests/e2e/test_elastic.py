@@ -110,9 +110,23 @@ def assert_even(status: dict[str, Any]) -> None:
 
 
 def wait_balanced(cluster: KVCluster, what: str) -> dict[str, Any]:
-    return wait_for(
-        what, lambda: (s := status_of(cluster))["balanced"] and s["healthy"] and s, SETTLE_S
-    )
+    last: dict[str, Any] = {}
+
+    def settled() -> dict[str, Any] | None:
+        last.update(status_of(cluster))
+        return dict(last) if last["balanced"] and last["healthy"] else None
+
+    try:
+        found: dict[str, Any] = wait_for(what, settled, SETTLE_S)
+    except AssertionError as error:
+        shards = [
+            (s["id"], s["replicas"], s["leader"], s["preferred_leader"]) for s in last["shards"]
+        ]
+        raise AssertionError(
+            f"{error}; nodes {last['nodes']}, moves {last['moves']}, "
+            f"shards (id, replicas, leader, preferred) {shards}"
+        ) from None
+    return found
 
 
 def kill_and_restart_soon(cluster: KVCluster, rng: random.Random, spare: set[int]) -> None:

@@ -5,6 +5,8 @@ replicas and leaders are even, and the number of moves is close to the minimum."
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import threading
 import time
@@ -15,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from cli import launcher
+from cli.__main__ import kvctl
 from tests.e2e.kv_cluster import KVCluster, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -247,5 +252,30 @@ def test_a_node_left_down_has_its_replicas_recreated_within_down_after_plus_a_bo
         writer.check_every_acknowledged_write(1)
         for i in range(200):
             assert cluster.get(1, f"prefill/{i}").status == 200
+    finally:
+        cluster.stop()
+
+
+def test_kvctl_adds_a_node_removes_it_and_reports_the_balancer(tmp_path: Path):
+    cluster = KVCluster(tmp_path / "cluster", shards=3)
+    env = {"KVCTL_DATA_DIR": str(cluster.data_dir)}
+
+    def run(*args: str) -> Any:
+        result = CliRunner().invoke(kvctl, list(args), env=env, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result
+
+    try:
+        added = json.loads(run("--json", "node", "add", "--wait").stdout)
+        assert added["id"] == 4
+        assert "placement: balanced" in run("cluster", "status").stdout
+        assert json.loads(run("--json", "rebalance").stdout)["balanced"] is True
+        out = run("node", "remove", "4", "--wait").stdout
+        assert "node 4 has left the cluster" in out
+        cluster.record = launcher.load_cluster(cluster.data_dir)
+        assert cluster.node_ids == [1, 2, 3]
+        with pytest.raises(ProcessLookupError):  # stopped and reaped
+            os.kill(added["pid"], 0)
+        wait_balanced(cluster, "three nodes to settle again")
     finally:
         cluster.stop()

@@ -153,9 +153,26 @@ class KVNode:
             except asyncio.CancelledError:
                 raise
             except AssertionError:
+                log.critical("the elastic loop hit a broken invariant", exc_info=True)
                 raise
             except Exception:  # a peer or the meta group unavailable: the next round retries
                 log.warning("elastic round failed; retrying", exc_info=True)
+
+    async def wait_failed(self) -> BaseException:
+        """The error that stopped the Raft loop or the elastic loop; the process exits then."""
+        assert self._elastic_task is not None, "start() first"
+        raft_failed = asyncio.create_task(self.host.wait_failed())
+        elastic = self._elastic_task
+        try:
+            done, _ = await asyncio.wait(
+                {raft_failed, elastic}, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            raft_failed.cancel()  # no-op once done
+        if raft_failed in done:
+            return raft_failed.result()
+        error = elastic.exception() if not elastic.cancelled() else None
+        return error if error is not None else RuntimeError("the elastic loop ended")
 
     async def start(self) -> None:
         shard_map = await self._load_map()
@@ -207,7 +224,7 @@ async def serve(config: NodeConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     print(f"node {config.node_id} ready", flush=True)
     stopped = asyncio.create_task(stop.wait())
-    failed = asyncio.create_task(node.host.wait_failed())
+    failed = asyncio.create_task(node.wait_failed())
     done, _ = await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
     for task in (stopped, failed):
         task.cancel()

@@ -154,6 +154,7 @@ class RaftHost:
         self._ticker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raft-fsync")
         self._read_ids = itertools.count(1)
+        self._transfers: list[tuple[int, NodeId]] = []  # leadership hand-offs asked for
         self._stopping = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -325,7 +326,11 @@ class RaftHost:
             await asyncio.sleep(0.02)
 
     def transfer_leader(self, group_id: int, target: NodeId) -> None:
-        self._group(group_id).node.transfer_leader(target)
+        """Ask the group's leader to hand leadership to `target`; best effort (a transfer the
+        core refuses, or that does not finish within an election timeout, is dropped). It is
+        queued like a proposal: the core takes no input while a Ready is being persisted."""
+        self._group(group_id)  # raises KeyError for a group not here
+        self._transfers.append((group_id, target))
         self._wake.set()
 
     def _group(self, group_id: int) -> _Group:
@@ -401,6 +406,12 @@ class RaftHost:
                 log.error(
                     "group %s: dropped a bad message from %s: %s", group_id, message.sender, error
                 )
+        transfers, self._transfers = self._transfers, []
+        for transfer_group, transferee in transfers:
+            found = self._groups.get(GroupId(transfer_group))
+            if found is not None:
+                with contextlib.suppress(RaftError, ValueError):  # not leader, not a voter
+                    found.node.transfer_leader(transferee)
         for group in self._groups.values():
             if group.queued:
                 self._propose_queued(group)

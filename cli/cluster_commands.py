@@ -29,7 +29,13 @@ from cli.output import (
     stderr_console,
     stdout_console,
 )
-from cli.settings import client_options, json_option, running_in_terminal, settings_of
+from cli.settings import (
+    client_options,
+    json_option,
+    running_in_terminal,
+    seconds_option,
+    settings_of,
+)
 
 FOREGROUND_STATUS_INTERVAL_S = 5.0
 
@@ -141,14 +147,7 @@ def shards_command() -> None:
     is_flag=True,
     help="stay attached, print status every few seconds, stop every node on Ctrl-C",
 )
-@click.option(
-    "--ready-timeout",
-    type=click.FloatRange(min=0),
-    default=60.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="how long to wait for every shard to have a leader",
-)
+@seconds_option("--ready-timeout", 60.0, "how long to wait for every shard to have a leader")
 @json_option()
 def up_command(
     nodes: int | None,
@@ -389,14 +388,7 @@ def node_group() -> None:
 @node_group.command("restart")
 @click.argument("node_id", metavar="ID", type=click.IntRange(min=1))
 @data_dir_option
-@click.option(
-    "--ready-timeout",
-    type=click.FloatRange(min=0),
-    default=30.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="how long to wait for the node to answer /health",
-)
+@seconds_option("--ready-timeout", 30.0, "how long to wait for the node to answer /health")
 @json_option()
 def restart_command(node_id: int, data_dir: Path | None, ready_timeout: float) -> None:
     """Stop node ID (SIGTERM, SIGKILL after 10 s) and start it again with the same command.

@@ -18,7 +18,7 @@ from cli.client import ClusterStatus, KVClient
 from cli.cluster_commands import data_dir_option, node_group
 from cli.errors import ClusterUnavailable, KvctlError
 from cli.output import print_json, stdout_console
-from cli.settings import client_options, json_option, settings_of
+from cli.settings import client_options, json_option, seconds_option, settings_of
 
 _POLL_INTERVAL_S = 0.5
 
@@ -73,13 +73,8 @@ def wait_with_bar(
     return status
 
 
-_TIMEOUT_OPTION = click.option(
-    "--wait-timeout",
-    type=click.FloatRange(min=0),
-    default=600.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="with --wait: give up (exit 4) after this long",
+_TIMEOUT_OPTION = seconds_option(
+    "--wait-timeout", 600.0, "with --wait: give up (exit 4) after this long"
 )
 _WAIT_OPTION = click.option("--wait", is_flag=True, help="show a progress bar until done")
 

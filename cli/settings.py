@@ -111,6 +111,18 @@ def timeout_option() -> Callable[[F], F]:
     )
 
 
+def seconds_option(flag: str, default: float, help: str) -> Callable[[F], F]:
+    """A duration flag, in seconds: --ready-timeout, --wait-timeout."""
+    return click.option(
+        flag,
+        type=click.FloatRange(min=0),
+        default=default,
+        show_default=True,
+        metavar="SECONDS",
+        help=help,
+    )
+
+
 def client_options(command: F) -> F:
     """--endpoints, --json and --timeout, for a command that talks to the cluster."""
     return endpoints_option()(json_option()(timeout_option()(command)))

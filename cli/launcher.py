@@ -22,7 +22,10 @@ from cli.cluster_plan import PlannedNode, free_ports, node_toml, plan_nodes, wri
 from cli.errors import ClusterUnavailable, InvalidUsage, KvctlError
 
 NODE_COMMAND_ENV = "KVCTL_NODE_COMMAND"  # tests only: replaces `python -m kvstore`
-NODE_ENV = {"PYTHONUNBUFFERED": "1"}  # so node.log is current when we show its tail
+NODE_ENV = {
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONFAULTHANDLER": "1",
+}  # log current; a crash or SIGABRT dumps every thread
 DEFAULT_NODES = 3
 DEFAULT_SHARDS = 8
 DEFAULT_REPLICATION = 3

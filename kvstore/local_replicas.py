@@ -14,7 +14,7 @@ import lmdb
 
 from kvstore.meta import MetaStateMachine
 from kvstore.sharding import META_GROUP_ID, ShardMap
-from kvstore.state_machine import KVStateMachine
+from kvstore.state_machine import KVDatabases, KVStateMachine
 from raft.core.messages import ConfState
 from raft.core.types import NodeId
 from raft.runtime.host import RaftHost
@@ -40,7 +40,9 @@ class LocalReplicas:
         self._meta = meta
         self._shards = shards  # shared with the router: the local shard state machines
         self._env: lmdb.Environment = store.env
+        # Opened here, before the Raft host runs (see KVDatabases for why).
         self._db = self._env.open_db(b"node.replicas")  # group -> replica id its state is of
+        self._kv_dbs = KVDatabases.open(self._env)
 
     def sync(self, shard_map: ShardMap) -> None:
         wanted = shard_map.replicas_on(self._node_id)
@@ -65,7 +67,8 @@ class LocalReplicas:
         if group_id == META_GROUP_ID:
             machine: MetaStateMachine | KVStateMachine = self._meta
         else:
-            machine = self._shards.setdefault(group_id, KVStateMachine(self._env, group_id))
+            machine = self._shards.get(group_id) or self._new_machine(group_id)
+            self._shards[group_id] = machine
         self._host.add_group(group_id, machine, bootstrap=bootstrap, replica_id=replica_id)
         log.info("node %d hosts replica %d of group %d", self._node_id, replica_id, group_id)
 
@@ -86,8 +89,11 @@ class LocalReplicas:
         if group_id == META_GROUP_ID:
             self._meta.clear_applied()
         else:
-            machine = self._shards.pop(group_id, None) or KVStateMachine(self._env, group_id)
+            machine = self._shards.pop(group_id, None) or self._new_machine(group_id)
             machine.clear()
+
+    def _new_machine(self, group_id: int) -> KVStateMachine:
+        return KVStateMachine(self._env, group_id, dbs=self._kv_dbs)
 
     def _stored_replica_id(self, group_id: int) -> NodeId | None:
         with self._env.begin(db=self._db) as txn:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
@@ -100,6 +101,27 @@ def _seal(key: bytes, version: int, value: bytes) -> bytes:
     return header + _KEY_LENGTH.pack(len(key)) + key + value
 
 
+@dataclass(frozen=True, slots=True)
+class KVDatabases:
+    """The kv.* database handles. Open them once, before the Raft host runs: env.open_db
+    holds the GIL while it waits for LMDB's write lock, so opening one while the host's
+    thread writes deadlocks the process."""
+
+    data: Any
+    meta: Any
+    idem: Any
+    idem_by_index: Any
+
+    @classmethod
+    def open(cls, env: lmdb.Environment) -> KVDatabases:
+        return cls(
+            env.open_db(_DATA_DB),
+            env.open_db(_META_DB),
+            env.open_db(_IDEM_DB),
+            env.open_db(_IDEM_BY_INDEX_DB),
+        )
+
+
 class KVStateMachine:
     """One shard's KV data: raft.runtime.host.StateMachine plus the reads the API serves.
 
@@ -116,6 +138,7 @@ class KVStateMachine:
         shard_id: int,
         *,
         idempotency_window_entries: int = 100_000,
+        dbs: KVDatabases | None = None,  # required once the Raft host runs: see KVDatabases
     ) -> None:
         if not 0 <= shard_id <= _MAX_U64:
             raise ValueError(f"shard id out of range: {shard_id}")
@@ -125,10 +148,11 @@ class KVStateMachine:
         self.idempotency_window_entries = idempotency_window_entries
         self._env = env
         self._prefix = _SHARD.pack(shard_id)
-        self._data = env.open_db(_DATA_DB)
-        self._meta = env.open_db(_META_DB)
-        self._idem = env.open_db(_IDEM_DB)
-        self._idem_by_index = env.open_db(_IDEM_BY_INDEX_DB)
+        dbs = dbs or KVDatabases.open(env)
+        self._data = dbs.data
+        self._meta = dbs.meta
+        self._idem = dbs.idem
+        self._idem_by_index = dbs.idem_by_index
 
     # ------------------------------------------------------------------ StateMachine
 

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import click
 
+from cli.bench import bench_command
+from cli.bulk_load import load_command
 from cli.cluster_commands import CLUSTER_COMMANDS
 from cli.data_commands import DATA_COMMANDS
 from cli.elastic_commands import ELASTIC_COMMANDS
-from cli.settings import ENDPOINTS_ENV, KvctlGroup, endpoints_option, json_option, timeout_option
+from cli.integrity_commands import INTEGRITY_COMMANDS
+from cli.query_command import query_command
+from cli.security_commands import SECURITY_COMMANDS
+from cli.settings import (
+    ENDPOINTS_ENV,
+    KvctlGroup,
+    endpoints_option,
+    json_option,
+    security_options,
+    timeout_option,
+)
 
 EPILOG = f"""\b
 Where kvctl sends requests: --endpoints, else ${ENDPOINTS_ENV}, else the nodes recorded in
@@ -22,6 +34,8 @@ Exit codes:
   3  precondition failed (--if-version mismatch, txn compare failed)
   4  cluster unavailable (no node answered, or 503), or not ready in time
   5  any other error (including a write whose outcome is unknown)
+  6  kvctl check: replicas of a shard disagree, or one failed a checksum
+  7  not authorized (401: no or bad token; 403: the token lacks the grant)
 
 \b
 Start here:
@@ -38,12 +52,22 @@ Start here:
 @endpoints_option(envvar=ENDPOINTS_ENV)
 @json_option()
 @timeout_option()
+@security_options
 @click.version_option(package_name="pyraftkv", prog_name="kvctl")
 def kvctl() -> None:
     """kvctl: read and write keys, and run a local cluster, of the sharded Raft KV store."""
 
 
-for _command in (*DATA_COMMANDS, *CLUSTER_COMMANDS, *ELASTIC_COMMANDS):
+for _command in (
+    *DATA_COMMANDS,
+    query_command,
+    *CLUSTER_COMMANDS,
+    *ELASTIC_COMMANDS,
+    *INTEGRITY_COMMANDS,
+    *SECURITY_COMMANDS,
+    bench_command,
+    load_command,
+):
     kvctl.add_command(_command)
 
 

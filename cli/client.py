@@ -12,6 +12,7 @@ import base64
 import http.client
 import json
 import socket
+import ssl
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NotRequired, TypedDict
@@ -21,6 +22,7 @@ from cli.errors import (
     ClusterUnavailable,
     KeyNotFound,
     KvctlError,
+    NotAuthorized,
     OutcomeUnknown,
     PreconditionFailed,
 )
@@ -45,6 +47,15 @@ class KeyVersion:
 class ScanPage:
     items: tuple[KeyValue, ...]
     next_cursor: str | None  # None: no more pages
+
+
+@dataclass(frozen=True, slots=True)
+class ShardBackup:
+    shard_id: int
+    blob: bytes  # opaque: the node checks its inner checksum on restore
+    applied_index: int
+    key_count: int
+    content_digest: str  # 16 hex digits; a restore of this blob reports the same
 
 
 class NodeStatus(TypedDict, total=False):
@@ -121,12 +132,44 @@ class _Attempt:
     problem: str  # "connection refused", "timed out after 5s", "HTTP 503: ..."
 
 
+@dataclass(frozen=True, slots=True)
+class TlsOptions:
+    """Verify https:// nodes against ca_file (None: the system's CAs); present cert_file and
+    key_file when given (mutual TLS)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file)
+            if self.cert_file:
+                context.load_cert_chain(self.cert_file, self.key_file)
+        except (OSError, ssl.SSLError) as error:
+            raise KvctlError(f"cannot load the TLS files ({self}): {error}") from None
+        return context
+
+
 class KVClient:
-    def __init__(self, endpoints: Sequence[str], timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        timeout_s: float = 10.0,
+        *,
+        tls: TlsOptions | None = None,
+        token: str | None = None,
+    ) -> None:
         if not endpoints:
             raise ValueError("KVClient needs at least one endpoint")
         self.endpoints = tuple(endpoint.rstrip("/") for endpoint in endpoints)
         self.timeout_s = timeout_s
+        self._tls_context = (
+            (tls or TlsOptions()).context()
+            if any(e.startswith("https://") for e in self.endpoints)
+            else None
+        )
+        self._auth_headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     # -- the API ------------------------------------------------------------------------------
 
@@ -227,6 +270,56 @@ class KVClient:
             raise KvctlError(f"malformed txn response from {response.endpoint}: {answer!r:.200}")
         return answer
 
+    def query(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """POST /v1/query (docs/query.md): one answer, as the API gives it. A query only reads,
+        so it is retried on the next endpoint when one fails."""
+        response = self.request(
+            "POST",
+            "/v1/query",
+            body=json.dumps(spec).encode(),
+            headers={"Content-Type": "application/json"},
+            safe_to_retry=True,
+        )
+        answer = response.json()
+        if not isinstance(answer, dict) or not isinstance(answer.get("rows"), list):
+            raise KvctlError(f"malformed query answer from {response.endpoint}: {answer!r:.200}")
+        return answer
+
+    def query_pages(self, spec: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+        """Every page of a select query, following next_cursor (an aggregate query: one)."""
+        cursor = spec.get("cursor")
+        while True:
+            page = self.query({**spec, "cursor": cursor} if cursor else spec)
+            yield page
+            if not page.get("next_cursor") or page["next_cursor"] == cursor:
+                return
+            cursor = page["next_cursor"]
+
+    def whoami(self) -> dict[str, Any]:
+        answer = self.request("GET", "/v1/auth/whoami", safe_to_retry=True).json()
+        if not isinstance(answer, dict) or not isinstance(answer.get("name"), str):
+            raise KvctlError(f"malformed whoami answer: {answer!r:.200}")
+        return answer
+
+    def put_user(self, name: str, grants: Mapping[str, Any]) -> dict[str, Any]:
+        """Creates the user, or gives it new grants and a new token; returns {name, token...}."""
+        body = json.dumps({"name": name, "grants": dict(grants)}).encode()
+        answer = self.request(
+            "POST", "/v1/auth/users", body=body, headers={"Content-Type": "application/json"}
+        ).json()
+        if not isinstance(answer, dict) or not isinstance(answer.get("token"), str):
+            raise KvctlError(f"malformed answer to adding a user: {answer!r:.200}")
+        return answer
+
+    def list_users(self) -> list[dict[str, Any]]:
+        answer = self.request("GET", "/v1/auth/users", safe_to_retry=True).json()
+        if not isinstance(answer, dict) or not isinstance(answer.get("users"), list):
+            raise KvctlError(f"malformed user list: {answer!r:.200}")
+        return list(answer["users"])
+
+    def delete_user(self, name: str) -> None:
+        self.request("DELETE", "/v1/auth/users/" + quote(name, safe=""))
+
     def cluster_status(self) -> ClusterStatus:
         response = self.request("GET", "/v1/cluster", safe_to_retry=True)
         answer = response.json()
@@ -236,6 +329,8 @@ class KVClient:
             )
         status: ClusterStatus = answer  # type: ignore[assignment]  # checked loosely above
         return status
+
+    # -- admin ----------------------------------------------------------------------------------
 
     def add_node(self, node_id: int, client_url: str, peer_address: str) -> int:
         """Registers a node in the shard map; returns the map's new epoch."""
@@ -247,6 +342,46 @@ class KVClient:
         """Starts moving every replica off the node; it leaves the map once it hosts none."""
         response = self.request("POST", f"/v1/admin/nodes/{node_id}/drain")
         return int(response.json()["epoch"])
+
+    def check(self) -> dict[str, Any]:
+        """Compare every shard's replicas now (POST /v1/admin/check); the raw report."""
+        response = self.request("POST", "/v1/admin/check", safe_to_retry=True)
+        answer = response.json()
+        if not isinstance(answer, dict) or not isinstance(answer.get("shards"), list):
+            raise KvctlError(f"malformed check report from {response.endpoint}: {answer!r:.200}")
+        return answer
+
+    def shard_backup(self, shard_id: int) -> ShardBackup:
+        response = self.request("GET", f"/v1/admin/snapshot/{shard_id}", safe_to_retry=True)
+        headers = response.headers
+        try:
+            backup = ShardBackup(
+                int(headers["x-kv-shard"]),
+                response.body,
+                int(headers["x-kv-applied-index"]),
+                int(headers["x-kv-key-count"]),
+                headers["x-kv-content-digest"],
+            )
+        except (KeyError, ValueError):
+            raise KvctlError(
+                f"{response.endpoint} answered a shard backup without its X-KV-* headers"
+            ) from None
+        if backup.shard_id != shard_id:
+            raise KvctlError(f"asked for shard {shard_id}'s backup, got shard {backup.shard_id}'s")
+        return backup
+
+    def restore_shard(self, shard_id: int, blob: bytes, *, replace: bool) -> dict[str, Any]:
+        response = self.request(
+            "PUT",
+            f"/v1/admin/snapshot/{shard_id}",
+            query={"replace": "true" if replace else "false"},
+            body=blob,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        answer = response.json()
+        if not isinstance(answer, dict) or "content_digest" not in answer:
+            raise KvctlError(f"malformed restore answer from {response.endpoint}: {answer!r:.200}")
+        return answer
 
     # -- transport ------------------------------------------------------------------------------
 
@@ -312,17 +447,22 @@ class KVClient:
         url = urlsplit(endpoint)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise KvctlError(f"endpoint {endpoint!r} is not an http:// or https:// URL")
-        connection_class = (
-            http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-        )
-        connection = connection_class(url.hostname, url.port, timeout=self.timeout_s)
+        connection: http.client.HTTPConnection
+        if url.scheme == "https":
+            connection = http.client.HTTPSConnection(
+                url.hostname, url.port, timeout=self.timeout_s, context=self._tls_context
+            )
+        else:
+            connection = http.client.HTTPConnection(url.hostname, url.port, timeout=self.timeout_s)
         try:
             try:
                 connection.connect()
             except (OSError, http.client.HTTPException) as error:
                 raise _Unreachable(_describe(error, self.timeout_s)) from None
             try:
-                connection.request(method, url.path.rstrip("/") + target, body, dict(headers))
+                connection.request(
+                    method, url.path.rstrip("/") + target, body, {**headers, **self._auth_headers}
+                )
                 answer = connection.getresponse()
                 data = answer.read()
             except (OSError, http.client.HTTPException) as error:
@@ -423,4 +563,12 @@ def _raise_for_status(response: Response, path: str) -> None:
             status=status,
         )
     code = _error_body(response).get("code") or http.client.responses.get(status, "error")
+    if status == 401:
+        raise NotAuthorized(
+            f"HTTP 401 from {response.endpoint}: {message}. Pass --token, set $KVCTL_TOKEN, "
+            "or run `kvctl login`",
+            status=status,
+        )
+    if status == 403:
+        raise NotAuthorized(f"HTTP 403 from {response.endpoint}: {message}", status=status)
     raise KvctlError(f"HTTP {status} {code} from {response.endpoint}: {message}", status=status)

@@ -147,6 +147,21 @@ def shards_command() -> None:
     is_flag=True,
     help="stay attached, print status every few seconds, stop every node on Ctrl-C",
 )
+@click.option(
+    "--tls",
+    is_flag=True,
+    help="new cluster: dev certificates in DATA_DIR/certs, HTTPS, mutual TLS between nodes",
+)
+@click.option(
+    "--auth",
+    is_flag=True,
+    help="new cluster: bearer tokens required; the admin token goes to DATA_DIR/admin.token",
+)
+@click.option(
+    "--encrypt",
+    is_flag=True,
+    help="new cluster: values encrypted at rest (AES-GCM, keys in DATA_DIR/encryption.keys)",
+)
 @seconds_option("--ready-timeout", 60.0, "how long to wait for every shard to have a leader")
 @json_option()
 def up_command(
@@ -156,6 +171,9 @@ def up_command(
     data_dir: Path | None,
     base_port: int | None,
     foreground: bool,
+    tls: bool,
+    auth: bool,
+    encrypt: bool,
     ready_timeout: float,
 ) -> None:
     """Start a local cluster of node processes on 127.0.0.1 (or restart a stopped one).
@@ -170,9 +188,12 @@ def up_command(
       kvctl cluster up
       kvctl cluster up --nodes 5 --shards 16 --replication 3 --data-dir /tmp/kv
       kvctl cluster up --foreground     # Ctrl-C stops the cluster
+      kvctl cluster up --tls --auth     # HTTPS, mTLS between nodes, tokens (docs/security.md)
     """
     data_dir = data_dir or cluster_file.default_data_dir()
-    request = launcher.UpRequest(data_dir, nodes, shards, replication, base_port)
+    request = launcher.UpRequest(
+        data_dir, nodes, shards, replication, base_port, tls, auth, encrypt
+    )
     json_output = _json_output()
     result = launcher.start_cluster(request)
     _report_started(result, data_dir, json_output)
@@ -247,6 +268,10 @@ def _report_ready(
     )
     for node in record.nodes:
         console.print(Text(f"  node {node.id}  {node.client_url}  pid {node.pid}  {node.log_path}"))
+    if record.security.token_file:
+        console.print(
+            Text(f"  auth is on: kvctl uses the admin token in {record.security.token_file}")
+        )
     console.print("try:")
     if data_dir != cluster_file.default_data_dir():
         console.print(Text(f"  export {cluster_file.DATA_DIR_ENV}={data_dir.resolve()}"))
@@ -400,7 +425,7 @@ def restart_command(node_id: int, data_dir: Path | None, ready_timeout: float) -
     """
     data_dir = data_dir or cluster_file.default_data_dir()
     node, previous = launcher.restart_node(data_dir, node_id)
-    launcher.wait_until_healthy(node, timeout_s=ready_timeout)
+    launcher.wait_until_healthy(launcher.load_cluster(data_dir), node, timeout_s=ready_timeout)
     if _json_output():
         print_json({"id": node.id, "pid": node.pid, "previous": previous})
         return

@@ -14,11 +14,12 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from cli.client import KVClient, TlsOptions
 from cli.errors import KvctlError
 
 DATA_DIR_ENV = "KVCTL_DATA_DIR"
@@ -85,6 +86,47 @@ class NodeRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientSecurity:
+    """How kvctl reaches a cluster started with --tls/--auth: file paths only, never secrets."""
+
+    ca_file: str | None = None  # TLS on: verify the nodes against this CA
+    cert_file: str | None = None  # kvctl's client certificate and key (mutual TLS)
+    key_file: str | None = None
+    token_file: str | None = None  # auth on: the bootstrap admin token
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name)}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> ClientSecurity:
+        return cls(**{f.name: str(raw[f.name]) for f in fields(cls) if raw.get(f.name)})
+
+    def tls_options(self) -> TlsOptions:
+        return TlsOptions(self.ca_file, self.cert_file, self.key_file)
+
+    def token(self) -> str | None:
+        return read_token(Path(self.token_file)) if self.token_file else None
+
+
+def read_token(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+    except OSError as error:
+        raise KvctlError(f"cannot read the token file {path}: {error}") from None
+    if not token:
+        raise KvctlError(f"the token file {path} is empty")
+    return token
+
+
+def write_private(path: Path, content: str | bytes) -> None:
+    """Writes a secret readable by its owner only (mode 0600, set before any byte lands)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(content.encode() if isinstance(content, str) else content)
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterRecord:
     nodes: tuple[NodeRecord, ...]
     shards: int
@@ -93,10 +135,20 @@ class ClusterRecord:
     # The node.toml [elastic] settings every node gets, nodes added later too (tests shorten
     # down_after_s); empty: the node's defaults.
     elastic: dict[str, float] = field(default_factory=dict)
+    security: ClientSecurity = ClientSecurity()
 
     @property
     def endpoints(self) -> list[str]:
         return [node.client_url for node in self.nodes]
+
+    def client(self, endpoints: list[str] | None = None, timeout_s: float = 10.0) -> KVClient:
+        """A client for this cluster's nodes with its TLS files and admin token, if any."""
+        return KVClient(
+            endpoints or self.endpoints,
+            timeout_s=timeout_s,
+            tls=self.security.tls_options(),
+            token=self.security.token(),
+        )
 
     def node(self, node_id: int) -> NodeRecord:
         for node in self.nodes:
@@ -122,6 +174,7 @@ class ClusterRecord:
             "replication": self.replication,
             "created": self.created,
             "elastic": self.elastic,
+            "security": self.security.to_json(),
         }
 
     @classmethod
@@ -132,6 +185,7 @@ class ClusterRecord:
             replication=int(raw["replication"]),
             created=str(raw.get("created", "")),
             elastic={str(k): float(v) for k, v in raw.get("elastic", {}).items()},
+            security=ClientSecurity.from_json(raw.get("security", {})),
         )
 
 

@@ -3,6 +3,7 @@ each node reads. Writing files and probing ports is all it does; starting proces
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
@@ -16,15 +17,53 @@ PEER_PORT_OFFSET = 100  # with --base-port P: client ports P.., peer ports P+100
 
 
 @dataclass(frozen=True, slots=True)
+class NodeSecurity:
+    """The [tls] and [auth] sections every node of a new cluster gets (None: section absent)."""
+
+    certs_dir: Path | None = None  # TLS on: ca.pem and node{id}.pem / node{id}-key.pem here
+    admin_token_sha256: str | None = None  # auth on: the bootstrap admin's token hash
+    cluster_secret_file: Path | None = None  # auth on without TLS: peers' shared secret
+    encryption_key_file: Path | None = None  # values encrypted at rest with these keys
+
+    def toml_lines(self, node_id: int) -> list[str]:
+        lines: list[str] = []
+        if self.certs_dir is not None:
+            lines += [
+                "",
+                "[tls]  # HTTPS for clients, mutual TLS between nodes",
+                f"ca_file = {toml_string(str(self.certs_dir / 'ca.pem'))}",
+                f"cert_file = {toml_string(str(self.certs_dir / f'node{node_id}.pem'))}",
+                f"key_file = {toml_string(str(self.certs_dir / f'node{node_id}-key.pem'))}",
+            ]
+        if self.admin_token_sha256 is not None:
+            lines += [
+                "",
+                "[auth]  # bearer tokens; the first admin's token hash must match in every file",
+                "enabled = true",
+                f"bootstrap_admin_token_sha256 = {toml_string(self.admin_token_sha256)}",
+            ]
+            if self.cluster_secret_file is not None:
+                lines.append(f"cluster_secret_file = {toml_string(str(self.cluster_secret_file))}")
+        if self.encryption_key_file is not None:
+            lines += [
+                "",
+                "[encryption]  # AES-GCM for values at rest; rotate with `kvctl encryption`",
+                f"key_file = {toml_string(str(self.encryption_key_file))}",
+            ]
+        return lines
+
+
+@dataclass(frozen=True, slots=True)
 class PlannedNode:
     id: int
     client_port: int
     peer_port: int
     data_dir: Path  # absolute
+    scheme: str = "http"  # https when the cluster uses TLS
 
     @property
     def client_url(self) -> str:
-        return f"http://{HOST}:{self.client_port}"
+        return f"{self.scheme}://{HOST}:{self.client_port}"
 
     @property
     def client_listen(self) -> str:
@@ -43,7 +82,9 @@ class PlannedNode:
         return self.data_dir / "node.log"
 
 
-def plan_nodes(count: int, data_dir: Path, base_port: int | None) -> list[PlannedNode]:
+def plan_nodes(
+    count: int, data_dir: Path, base_port: int | None, *, scheme: str = "http"
+) -> list[PlannedNode]:
     """Node ids 1..count, each in data_dir/node{id}, on loopback ports that are free right now."""
     if base_port is None:
         ports = free_ports(2 * count)
@@ -66,23 +107,44 @@ def plan_nodes(count: int, data_dir: Path, base_port: int | None) -> list[Planne
     root = data_dir.resolve()
     return [
         PlannedNode(
-            node_id, client_ports[node_id - 1], peer_ports[node_id - 1], root / f"node{node_id}"
+            node_id,
+            client_ports[node_id - 1],
+            peer_ports[node_id - 1],
+            root / f"node{node_id}",
+            scheme,
         )
         for node_id in range(1, count + 1)
     ]
 
 
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_PORT = 10_000
+
+
 def free_ports(count: int) -> list[int]:
-    """Ports the kernel hands out for 127.0.0.1:0, all held open at once so they differ.
-    NB: another process may take one before the node binds it; the node then fails to start
-    and `cluster up` shows its log."""
-    with ExitStack() as stack:
-        sockets = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((HOST, 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
+    """Distinct ports free right now, drawn at random below the kernel's ephemeral range: a port
+    from 127.0.0.1:0 is an ephemeral one, which any outgoing connection (ours included) may take
+    before the node binds it. NB: another process may still take one first; the node then fails
+    to start and `cluster up` shows its log."""
+    try:
+        ephemeral_low = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 0
+    if ephemeral_low - _LOWEST_PORT < 100 * count:  # no room below it: let the kernel choose
+        with ExitStack() as stack:
+            sockets = []
+            for _ in range(count):
+                sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                sock.bind((HOST, 0))
+                sockets.append(sock)
+            return [sock.getsockname()[1] for sock in sockets]
+    rng = random.SystemRandom()
+    chosen: list[int] = []
+    while len(chosen) < count:
+        port = rng.randrange(_LOWEST_PORT, ephemeral_low)
+        if port not in chosen and is_port_free(port):
+            chosen.append(port)
+    return chosen
 
 
 def is_port_free(port: int) -> bool:
@@ -104,6 +166,7 @@ def node_toml(
     written_by: str = "`kvctl cluster up`",
     elastic: Mapping[str, float] | None = None,
     join: bool = False,
+    security: NodeSecurity | None = None,
 ) -> str:
     """The config one node reads; the [cluster] part is identical in every node's file."""
     lines = [
@@ -129,6 +192,8 @@ def node_toml(
         ]
     if elastic:
         lines += ["", "[elastic]", *(f"{name} = {value!r}" for name, value in elastic.items())]
+    if security is not None:
+        lines += security.toml_lines(node.id)
     return "\n".join(lines) + "\n"
 
 
@@ -155,8 +220,16 @@ def write_configs(
     shards: int,
     replication: int,
     elastic: Mapping[str, float] | None = None,
+    security: NodeSecurity | None = None,
 ) -> None:
     for node in nodes:
         node.data_dir.mkdir(parents=True, exist_ok=True)
-        text = node_toml(node, nodes, shards=shards, replication=replication, elastic=elastic)
+        text = node_toml(
+            node,
+            nodes,
+            shards=shards,
+            replication=replication,
+            elastic=elastic,
+            security=security,
+        )
         node.config_path.write_text(text, encoding="utf-8")

@@ -97,9 +97,10 @@ def add_command(data_dir: Path | None, wait: bool, wait_timeout: float) -> None:
     if not json_output:
         stdout_console().print(Text(f"node {node.id} started (pid {node.pid}) and joined"))
     if wait:
-        launcher.wait_until_healthy(node, timeout_s=60.0)
+        record = launcher.load_cluster(data_dir)
+        launcher.wait_until_healthy(record, node, timeout_s=60.0)
         wait_with_bar(
-            KVClient(launcher.load_cluster(data_dir).endpoints),
+            record.client(),
             what=f"balancing onto node {node.id}",
             remaining=moves_left_to_balance,
             is_done=lambda status: bool(status.get("balanced")),

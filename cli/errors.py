@@ -5,7 +5,9 @@ KvctlError                      5  anything else (bad response, 4xx/5xx not list
 ├── InvalidUsage                2  flags that conflict with local state (click's own errors: 2 too)
 ├── PreconditionFailed          3  --if-version did not match; a txn ran its failure branch
 ├── ClusterUnavailable          4  no node answered, or every node answered 503; retry later
-└── OutcomeUnknown              5  a write was sent but no answer came back: it may have applied
+├── OutcomeUnknown              5  a write was sent but no answer came back: it may have applied
+├── DataDiverged                6  `kvctl check`: replicas disagree, or one failed a checksum
+└── NotAuthorized               7  401 (no or bad token) or 403 (the token lacks the grant)
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ EXIT_USAGE = 2
 EXIT_PRECONDITION_FAILED = 3
 EXIT_UNAVAILABLE = 4
 EXIT_OTHER = 5
+EXIT_DIVERGED = 6
+EXIT_NOT_AUTHORIZED = 7
 
 
 class KvctlError(Exception):
@@ -63,3 +67,13 @@ class ClusterUnavailable(KvctlError):
 class OutcomeUnknown(KvctlError):
     exit_code = EXIT_OTHER
     code = "outcome_unknown"
+
+
+class DataDiverged(KvctlError):
+    exit_code = EXIT_DIVERGED
+    code = "diverged"
+
+
+class NotAuthorized(KvctlError):
+    exit_code = EXIT_NOT_AUTHORIZED
+    code = "not_authorized"

@@ -7,7 +7,9 @@ as a command line and an HTTP API: it never imports kvstore.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
 import shlex
 import sys
 import time
@@ -15,10 +17,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli import cluster_file, processes
-from cli.client import ClusterStatus, KVClient
+from cli import certs, cluster_file, encryption_keys, processes
+from cli.client import ClusterStatus
 from cli.cluster_file import ClusterRecord, NodeRecord
-from cli.cluster_plan import PlannedNode, free_ports, node_toml, plan_nodes, write_configs
+from cli.cluster_plan import (
+    NodeSecurity,
+    PlannedNode,
+    free_ports,
+    node_toml,
+    plan_nodes,
+    write_configs,
+)
 from cli.errors import ClusterUnavailable, InvalidUsage, KvctlError
 
 NODE_COMMAND_ENV = "KVCTL_NODE_COMMAND"  # tests only: replaces `python -m kvstore`
@@ -29,6 +38,11 @@ NODE_ENV = {
 DEFAULT_NODES = 3
 DEFAULT_SHARDS = 8
 DEFAULT_REPLICATION = 3
+CERTS_DIR = "certs"
+ADMIN_TOKEN_FILE = "admin.token"
+CLUSTER_SECRET_FILE = "cluster.secret"
+ENCRYPTION_KEY_FILE = "encryption.keys"
+TOKEN_PREFIX = "kvt_"  # as the node's tokens: greppable in logs and secret scanners
 _POLL_INTERVAL_S = 0.2
 _PROBE_TIMEOUT_S = 1.0
 
@@ -45,6 +59,9 @@ class UpRequest:
     shards: int | None
     replication: int | None
     base_port: int | None
+    tls: bool = False  # a new cluster gets dev certificates (DATA_DIR/certs) and HTTPS
+    auth: bool = False  # a new cluster gets auth on and a bootstrap admin token
+    encrypt: bool = False  # a new cluster encrypts values at rest (DATA_DIR/encryption.keys)
     elastic: Mapping[str, float] | None = None  # node.toml [elastic] settings, new clusters
 
 
@@ -102,9 +119,18 @@ def _create(request: UpRequest) -> ClusterRecord:
             f"{cluster_file.CLUSTER_FILE_NAME}, so kvctl did not make them; remove them "
             "or pick another --data-dir"
         )
-    planned = plan_nodes(count, request.data_dir, request.base_port)
+    planned = plan_nodes(
+        count, request.data_dir, request.base_port, scheme="https" if request.tls else "http"
+    )
     elastic = dict(request.elastic or {})
-    write_configs(planned, shards=shards, replication=replication, elastic=elastic)
+    node_security, client_security = _create_security(request, [node.id for node in planned])
+    write_configs(
+        planned,
+        shards=shards,
+        replication=replication,
+        elastic=elastic,
+        security=node_security,
+    )
     command = node_command()
     nodes = tuple(
         NodeRecord(
@@ -118,7 +144,48 @@ def _create(request: UpRequest) -> ClusterRecord:
         )
         for node in planned
     )
-    return ClusterRecord(nodes, shards, replication, cluster_file.now_iso(), elastic)
+    return ClusterRecord(
+        nodes,
+        shards,
+        replication,
+        cluster_file.now_iso(),
+        elastic=elastic,
+        security=client_security,
+    )
+
+
+def _create_security(
+    request: UpRequest, node_ids: list[int]
+) -> tuple[NodeSecurity, cluster_file.ClientSecurity]:
+    """Certificates, the bootstrap admin token and the cluster secret of a new cluster, as
+    --tls and --auth ask; secrets land in files of mode 0600 in the data directory."""
+    root = request.data_dir.resolve()
+    certs_dir = root / CERTS_DIR if request.tls else None
+    if certs_dir is not None:
+        certs.init_certs(certs_dir, node_ids)
+    token_file = root / ADMIN_TOKEN_FILE if request.auth else None
+    admin_hash = None
+    secret_file = None
+    if token_file is not None:
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        cluster_file.write_private(token_file, token + "\n")
+        admin_hash = hashlib.sha256(token.encode()).hexdigest()
+        if certs_dir is None:  # without TLS, peers prove themselves with a shared secret
+            secret_file = root / CLUSTER_SECRET_FILE
+            cluster_file.write_private(secret_file, secrets.token_urlsafe(32) + "\n")
+    key_file = root / ENCRYPTION_KEY_FILE if request.encrypt else None
+    if key_file is not None:
+        encryption_keys.rotate(key_file)
+    client_pair = certs.client_cert_pair(certs_dir) if certs_dir is not None else None
+    return (
+        NodeSecurity(certs_dir, admin_hash, secret_file, key_file),
+        cluster_file.ClientSecurity(
+            ca_file=str(certs_dir / certs.CA_FILE) if certs_dir is not None else None,
+            cert_file=str(client_pair.cert_file) if client_pair else None,
+            key_file=str(client_pair.key_file) if client_pair else None,
+            token_file=str(token_file) if token_file is not None else None,
+        ),
+    )
 
 
 def _refuse_mismatch(existing: ClusterRecord, request: UpRequest) -> None:
@@ -127,6 +194,9 @@ def _refuse_mismatch(existing: ClusterRecord, request: UpRequest) -> None:
         "--shards": (request.shards, existing.shards),
         "--replication": (request.replication, existing.replication),
         "--base-port": (request.base_port, existing.nodes[0].client_port),
+        # Only asking for a protection the cluster lacks is a mismatch; omitting the flag reuses.
+        "--tls": (request.tls or None, existing.security.ca_file is not None),
+        "--auth": (request.auth or None, existing.security.token_file is not None),
     }
     differ = [
         f"{flag} {asked} (it has {actual})"
@@ -156,7 +226,7 @@ def probe_status(record: ClusterRecord) -> ClusterStatus | None:
     """/v1/cluster from the first node that answers quickly, or None."""
     for endpoint in record.endpoints:
         try:
-            return KVClient([endpoint], timeout_s=_PROBE_TIMEOUT_S).cluster_status()
+            return record.client([endpoint], timeout_s=_PROBE_TIMEOUT_S).cluster_status()
         except KvctlError:
             continue
     return None
@@ -198,10 +268,10 @@ def wait_until_ready(
         time.sleep(_POLL_INTERVAL_S)
 
 
-def wait_until_healthy(node: NodeRecord, *, timeout_s: float) -> None:
+def wait_until_healthy(record: ClusterRecord, node: NodeRecord, *, timeout_s: float) -> None:
     """Polls the node's /health until it answers 200."""
     deadline = time.monotonic() + timeout_s
-    client = KVClient([node.client_url], timeout_s=_PROBE_TIMEOUT_S)
+    client = record.client([node.client_url], timeout_s=_PROBE_TIMEOUT_S)
     while True:
         if not processes.is_running(process_of(node)):
             raise ClusterUnavailable(
@@ -264,10 +334,15 @@ def add_node(data_dir: Path) -> NodeRecord:
         record = load_cluster(data_dir)
         node_id = max(node.id for node in record.nodes) + 1
         client_port, peer_port = free_ports(2)
-        new = PlannedNode(node_id, client_port, peer_port, data_dir.resolve() / f"node{node_id}")
+        scheme = "https" if record.security.ca_file else "http"
+        root = data_dir.resolve()
+        new = PlannedNode(node_id, client_port, peer_port, root / f"node{node_id}", scheme)
         if new.data_dir.exists():
             raise KvctlError(f"{new.data_dir} exists already; remove it or pick another cluster")
-        members = [_planned(node) for node in record.nodes]
+        security = _existing_security(root, record)
+        if security.certs_dir is not None:
+            certs.issue_node_cert(security.certs_dir, node_id)
+        members = [_planned(node, scheme) for node in record.nodes]
         new.data_dir.mkdir(parents=True)
         new.config_path.write_text(
             node_toml(
@@ -278,10 +353,11 @@ def add_node(data_dir: Path) -> NodeRecord:
                 written_by="`kvctl node add`",
                 elastic=record.elastic,
                 join=True,
+                security=security,
             ),
             encoding="utf-8",
         )
-        KVClient(record.endpoints).add_node(node_id, new.client_url, new.peer_address)
+        record.client().add_node(node_id, new.client_url, new.peer_address)
         argv = [*node_command(), "--config", str(new.config_path)]
         pid = processes.spawn(argv, dict(NODE_ENV), new.log_path)
         node = NodeRecord(
@@ -289,6 +365,23 @@ def add_node(data_dir: Path) -> NodeRecord:
         )
         cluster_file.save(data_dir, record.with_node(node))
     return node
+
+
+def _existing_security(root: Path, record: ClusterRecord) -> NodeSecurity:
+    """The NodeSecurity `_create_security` gave the cluster's first nodes, found again from
+    the files it wrote, for a node that joins later."""
+    token_file = record.security.token_file
+    admin_hash = None
+    if token_file is not None:
+        admin_hash = hashlib.sha256(cluster_file.read_token(Path(token_file)).encode()).hexdigest()
+    secret_file = root / CLUSTER_SECRET_FILE
+    key_file = root / ENCRYPTION_KEY_FILE
+    return NodeSecurity(
+        Path(record.security.ca_file).parent if record.security.ca_file else None,
+        admin_hash,
+        secret_file if secret_file.exists() else None,
+        key_file if key_file.exists() else None,
+    )
 
 
 def forget_node(data_dir: Path, node_id: int) -> str:
@@ -301,9 +394,9 @@ def forget_node(data_dir: Path, node_id: int) -> str:
     return outcome
 
 
-def _planned(node: NodeRecord) -> PlannedNode:
+def _planned(node: NodeRecord, scheme: str) -> PlannedNode:
     peer_port = int(node.peer_address.rpartition(":")[2])
-    return PlannedNode(node.id, node.client_port, peer_port, Path(node.data_dir))
+    return PlannedNode(node.id, node.client_port, peer_port, Path(node.data_dir), scheme)
 
 
 def load_cluster(data_dir: Path) -> ClusterRecord:

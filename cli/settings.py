@@ -1,5 +1,6 @@
-"""The options every kvctl command shares (--endpoints, --json, --timeout), where the endpoints
-come from when none are given, and how a KvctlError becomes a message and an exit code.
+"""The options every kvctl command shares (--endpoints, --json, --timeout, and the security
+ones --cacert/--cert/--key/--token), where each comes from when not given, and how a KvctlError
+becomes a message and an exit code.
 
 The shared options are accepted both before the command (`kvctl --json get k`) and after it
 (`kvctl get k --json`); a value given after the command wins.
@@ -12,12 +13,13 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from cli import cluster_file
-from cli.client import KVClient
+from cli.client import KVClient, TlsOptions
 from cli.errors import (
     ClusterUnavailable,
     KvctlError,
@@ -25,6 +27,11 @@ from cli.errors import (
 )
 
 ENDPOINTS_ENV = "KVCTL_ENDPOINTS"
+TOKEN_ENV = "KVCTL_TOKEN"
+CACERT_ENV = "KVCTL_CACERT"
+CERT_ENV = "KVCTL_CERT"
+KEY_ENV = "KVCTL_KEY"
+LOGIN_TOKEN_FILE = "kvctl.token"  # in the data directory, written by `kvctl login`
 DEFAULT_TIMEOUT_S = 10.0
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -37,6 +44,10 @@ class Settings:
     endpoints: str | None = None
     json_output: bool = False
     timeout_s: float = DEFAULT_TIMEOUT_S
+    tls_cacert: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    token: str | None = None
 
     def resolved_endpoints(self) -> list[str]:
         """--endpoints, else $KVCTL_ENDPOINTS, else the nodes in the local cluster.json."""
@@ -54,8 +65,45 @@ class Settings:
             f"{cluster_file.cluster_file(data_dir)}, which kvctl reads by default)"
         )
 
-    def client(self) -> KVClient:
-        return KVClient(self.resolved_endpoints(), timeout_s=self.timeout_s)
+    def tls_options(self) -> TlsOptions:
+        """Each file from its flag, else its environment variable, else the local cluster's."""
+        recorded = self._local_security().tls_options()
+        return TlsOptions(
+            self.tls_cacert or os.environ.get(CACERT_ENV) or recorded.ca_file,
+            self.tls_cert or os.environ.get(CERT_ENV) or recorded.cert_file,
+            self.tls_key or os.environ.get(KEY_ENV) or recorded.key_file,
+        )
+
+    def resolved_token(self) -> str | None:
+        """--token, else $KVCTL_TOKEN, else `kvctl login`'s saved token, else the local
+        cluster's admin token (`cluster up --auth`), else none."""
+        token = self.token or os.environ.get(TOKEN_ENV)
+        if token:
+            return token
+        saved = login_token_path()
+        if saved.exists():
+            return cluster_file.read_token(saved)
+        return self._local_security().token()
+
+    def _local_security(self) -> cluster_file.ClientSecurity:
+        """The local cluster's TLS files and admin token, but only for requests to its own
+        nodes: the admin token must never travel to endpoints of another cluster."""
+        record = cluster_file.load(cluster_file.default_data_dir())
+        if record is None or not set(self.resolved_endpoints()) <= set(record.endpoints):
+            return cluster_file.ClientSecurity()
+        return record.security
+
+    def client(self, *, token: str | None = None) -> KVClient:
+        return KVClient(
+            self.resolved_endpoints(),
+            timeout_s=self.timeout_s,
+            tls=self.tls_options(),
+            token=token or self.resolved_token(),
+        )
+
+
+def login_token_path() -> Path:
+    return cluster_file.default_data_dir() / LOGIN_TOKEN_FILE
 
 
 def _normalize(endpoint: str) -> str:
@@ -123,9 +171,36 @@ def seconds_option(flag: str, default: float, help: str) -> Callable[[F], F]:
     )
 
 
+def security_options(command: F) -> F:
+    """--cacert, --cert, --key and --token."""
+    for name, field, envvar, text in (
+        ("--cacert", "tls_cacert", CACERT_ENV, "CA certificate (PEM) to verify https:// nodes"),
+        ("--cert", "tls_cert", CERT_ENV, "client certificate (PEM), for mutual TLS"),
+        ("--key", "tls_key", KEY_ENV, "the client certificate's private key (PEM)"),
+    ):
+        command = click.option(
+            name,
+            field,
+            metavar="FILE",
+            expose_value=False,
+            callback=_remember(field),
+            help=f"{text} (default: ${envvar}, else the local cluster's)",
+        )(command)
+    return click.option(
+        "--token",
+        "token",
+        metavar="TOKEN",
+        expose_value=False,
+        callback=_remember("token"),
+        help=f"bearer token (default: ${TOKEN_ENV}, else `kvctl login`'s, else the local "
+        "cluster's admin token)",
+    )(command)
+
+
 def client_options(command: F) -> F:
-    """--endpoints, --json and --timeout, for a command that talks to the cluster."""
-    return endpoints_option()(json_option()(timeout_option()(command)))
+    """--endpoints, --json, --timeout and the security options, for a command that talks to
+    the cluster."""
+    return endpoints_option()(json_option()(timeout_option()(security_options(command))))
 
 
 def report_error(error: KvctlError, *, json_output: bool) -> None:

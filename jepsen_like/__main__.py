@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--nemesis kill,pause,partition --time 60 --nodes 5 --shards 4 --concurrency 10 "
         "--seed 1 --out runs/r1",
     )
-    run.add_argument("--workload", choices=("register", "set", "append"), default="register")
+    run.add_argument(
+        "--workload", choices=("register", "set", "append", "bank"), default="register"
+    )
     run.add_argument(
         "--nemesis",
         default="kill,partition",

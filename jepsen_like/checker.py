@@ -1,7 +1,8 @@
 """Which checkers apply to a history, running them, and the one-line verdict.
 
 A checker is named by what it checks: "linearizable" (read/write/cas registers, per key),
-"set" (add + a final read_set) and "append" (list-append transactions, Elle-style).
+"set" (add + a final read_set), "append" (list-append transactions, Elle-style) and "bank"
+(transfers, and reads of every balance by a query).
 """
 
 from __future__ import annotations
@@ -9,17 +10,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from jepsen_like.append_checker import check_append
+from jepsen_like.bank_checker import check_bank
 from jepsen_like.history import History
 from jepsen_like.linearizability import DEFAULT_MAX_STEPS_PER_KEY, check_linearizable
 from jepsen_like.model import CasRegister, Model
 from jepsen_like.result import CheckResult
 from jepsen_like.set_checker import check_set
 
-CHECKERS = ("linearizable", "set", "append")
+CHECKERS = ("linearizable", "set", "append", "bank")
 _FUNCTIONS = {
     "linearizable": {"read", "write", "cas"},
     "set": {"add", "read_set"},
     "append": {"txn"},
+    "bank": {"transfer", "read_all", "read_total"},
 }
 
 
@@ -59,6 +62,8 @@ def check_history(
             )
         elif name == "set":
             results.append(check_set(operations))
+        elif name == "bank":
+            results.append(check_bank(operations))
         else:
             results.append(check_append(operations))
     return results

@@ -127,6 +127,14 @@ class HttpClient:
         result: dict[str, Any] = json.loads(body)
         return result
 
+    async def query(self, spec: dict[str, Any]) -> dict[str, Any]:
+        status, _, body = await self._call("POST", "/v1/query", json.dumps(spec).encode())
+        if status == 503:  # a read: nothing happened either way
+            raise Refused(f"503 {body[:200]!r}")
+        self._judge(status, body)
+        result: dict[str, Any] = json.loads(body)
+        return result
+
     async def scan_all(self, prefix: str) -> list[tuple[str, bytes]]:
         items: list[tuple[str, bytes]] = []
         cursor = ""
@@ -256,19 +264,7 @@ class AppendWorkload:
     _next_value: int = 0
 
     def setup(self, cluster_status: dict[str, Any]) -> None:
-        # Pick keys per shard by the public token ranges (xxh64 of the key, as /v1/cluster says).
-        shards = cluster_status["shards"]
-        self._shard_keys = [[] for _ in shards]
-        candidate = 0
-        while any(len(keys) < self.keys_per_shard for keys in self._shard_keys):
-            key = f"app/{candidate}"
-            token = xxhash.xxh64_intdigest(key.encode())
-            for position, shard in enumerate(shards):
-                if shard["start_token"] <= token < shard["end_token"]:
-                    if len(self._shard_keys[position]) < self.keys_per_shard:
-                        self._shard_keys[position].append(key)
-                    break
-            candidate += 1
+        self._shard_keys = keys_per_shard(cluster_status, "app/", self.keys_per_shard)
 
     def next_invocation(self, rng: random.Random) -> Invocation:
         keys = rng.choice(self._shard_keys)
@@ -325,4 +321,107 @@ class AppendWorkload:
         ]
 
 
-WORKLOADS = {"register": RegisterWorkload, "set": SetWorkload, "append": AppendWorkload}
+def keys_per_shard(cluster_status: dict[str, Any], prefix: str, count: int) -> list[list[str]]:
+    """`count` keys `prefix + n` for each shard, by the public token ranges (xxh64 of the key, as
+    /v1/cluster says), so that a transaction on keys of one list stays in one shard."""
+    shards = cluster_status["shards"]
+    found: list[list[str]] = [[] for _ in shards]
+    candidate = 0
+    while any(len(keys) < count for keys in found):
+        key = f"{prefix}{candidate}"
+        token = xxhash.xxh64_intdigest(key.encode())
+        for position, shard in enumerate(shards):
+            if shard["start_token"] <= token < shard["end_token"]:
+                if len(found[position]) < count:
+                    found[position].append(key)
+                break
+        candidate += 1
+    return found
+
+
+@dataclass
+class BankWorkload:
+    """Transfers between accounts of one shard (a compare-on-versions transaction), and reads
+    of every balance at once by a map-reduce query: rows (`read_all`) or a sum and a count
+    (`read_total`). An account never written holds the opening balance."""
+
+    accounts_per_shard: int = 3
+    opening_balance: int = 100
+    name: str = "bank"
+    checkers: tuple[str, ...] = ("bank",)
+    _shard_accounts: list[list[str]] = field(default_factory=list)
+
+    @property
+    def _bank(self) -> dict[str, int]:
+        accounts = sum(len(keys) for keys in self._shard_accounts)
+        return {"accounts": accounts, "opening_balance": self.opening_balance}
+
+    def setup(self, cluster_status: dict[str, Any]) -> None:
+        self._shard_accounts = keys_per_shard(cluster_status, "bank/", self.accounts_per_shard)
+
+    def next_invocation(self, rng: random.Random) -> Invocation:
+        roll = rng.random()
+        if roll < 0.15:
+            return Invocation("read_all", None, self._bank)
+        if roll < 0.3:
+            return Invocation("read_total", None, self._bank)
+        source, target = rng.sample(rng.choice(self._shard_accounts), 2)
+        return Invocation("transfer", None, [source, target, rng.randint(1, 30)])
+
+    async def invoke(self, client: HttpClient, op: Invocation) -> Completion:
+        if op.f == "transfer":
+            return await _complete(self._transfer(client, *op.value))
+        if op.f == "read_all":
+            return await _complete(self._read_all(client))
+        return await _complete(self._read_total(client))
+
+    async def _transfer(self, client: HttpClient, source: str, target: str, amount: int) -> None:
+        found = {key: await client.get(key) for key in (source, target)}
+        balance = {
+            key: self.opening_balance if value is None else int(json.loads(value)["balance"])
+            for key, (value, _) in found.items()
+        }
+        if balance[source] < amount:
+            raise Refused("insufficient funds")
+        new = {source: balance[source] - amount, target: balance[target] + amount}
+        request = {
+            "compare": [
+                {"key": key, "target": "version", "op": "==", "version": version}
+                for key, (_, version) in found.items()
+            ],
+            "success": [
+                {"op": "put", "key": key, "value": _b64_json({"balance": balance})}
+                for key, balance in new.items()
+            ],
+            "failure": [],
+        }
+        if not (await client.txn(request))["succeeded"]:
+            raise PreconditionFailed()
+
+    async def _read_all(self, client: HttpClient) -> dict[str, int]:
+        answer = await client.query({"prefix": "bank/", "select": "*", "limit": 10_000})
+        return {row["key"]: int(row["value"]["balance"]) for row in answer["rows"]}
+
+    async def _read_total(self, client: HttpClient) -> dict[str, int]:
+        spec = {
+            "prefix": "bank/",
+            "aggregates": {"sum": {"fn": "sum", "field": "balance"}, "present": {"fn": "count"}},
+        }
+        answer = await client.query(spec)
+        aggregates = answer["groups"][0]["aggregates"]
+        return {"sum": int(aggregates["sum"]), "present": int(aggregates["present"])}
+
+    def final_invocations(self) -> list[Invocation]:
+        return [Invocation("read_all", None, self._bank)]
+
+
+def _b64_json(value: Any) -> str:
+    return base64.b64encode(json.dumps(value).encode()).decode()
+
+
+WORKLOADS = {
+    "register": RegisterWorkload,
+    "set": SetWorkload,
+    "append": AppendWorkload,
+    "bank": BankWorkload,
+}

@@ -41,7 +41,7 @@ def plan_changes(shard_map: ShardMap, *, max_moves: int) -> list[MapChange]:
     for group in shard_map.group_ids():
         if budget <= len(changes) or group in busy:
             continue
-        for replica in shard_map.shard(group).replicas:
+        for replica in shard_map.group(group).replicas:
             if node_of(replica) in load:
                 continue
             candidates = [node for node in active if node not in hosts[group]]
@@ -82,7 +82,7 @@ def _replica_load(shard_map: ShardMap, active: list[NodeId]) -> Counter[NodeId]:
 
 
 def _hosts(shard_map: ShardMap, group: int) -> set[NodeId]:
-    nodes = {node_of(replica) for replica in shard_map.shard(group).replicas}
+    nodes = {node_of(replica) for replica in shard_map.group(group).replicas}
     move = shard_map.move_of(group)
     if move is not None:
         nodes.discard(node_of(move.leaving))

@@ -108,7 +108,46 @@ class Txn:
         _check_idempotency_key(self.idempotency_key)
 
 
-Command = Put | Delete | Txn
+@dataclass(frozen=True, slots=True)
+class HashCheck:
+    """Admin: every replica hashes its shard's data when it applies this entry, so all of them
+    hash the same applied index (`kvctl check` then compares the hashes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreShard:
+    """Admin: replace the shard's data by a backup of it (a KVStateMachine.snapshot() blob)."""
+
+    snapshot: bytes
+    replace: bool = False  # False: refused unless the shard is empty
+
+    def __post_init__(self) -> None:
+        _check_bytes("snapshot", self.snapshot)
+        if not isinstance(self.replace, bool):
+            raise TypeError(f"replace must be bool, not {type(self.replace).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
+class PutBatch:
+    """Unconditional puts of keys of one shard, applied together at one index: the bulk-load
+    path (POST /v1/batch), one Raft entry per shard instead of one per key."""
+
+    items: tuple[tuple[str, bytes], ...]  # (key, value) in request order; a later one wins
+    idempotency_key: None = None  # re-running a batch of plain puts leaves the same values
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.items, tuple) or not self.items:
+            raise TypeError("items must be a non-empty tuple of (key, value)")
+        for item in self.items:
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise TypeError("items must hold (key, value) pairs")
+            _check_str("key", item[0])
+            _check_bytes("value", item[1])
+        if self.idempotency_key is not None:
+            raise TypeError("a batch carries no idempotency key")
+
+
+Command = Put | Delete | Txn | HashCheck | RestoreShard | PutBatch
 
 FAILED_PRECONDITION: Final = "precondition_failed"
 FAILED_NOT_FOUND: Final = "not_found"
@@ -139,13 +178,52 @@ class Failed:
         return InvalidRequest(self.message)
 
 
-Outcome = KeyVersion | TxnResult | Failed
+@dataclass(frozen=True, slots=True)
+class ReplicaHash:
+    """What one replica found when it applied the HashCheck at `index`."""
+
+    index: int
+    key_count: int
+    digest: int  # xxh64 over every (key, version, value) in key order; 0 if corrupt_key is set
+    corrupt_key: str | None = None  # the first record that failed its checksum
+
+    def __post_init__(self) -> None:
+        for name in ("index", "key_count", "digest"):
+            _check_version(name, getattr(self, name), optional=False)
+        if self.corrupt_key is not None:
+            _check_str("corrupt_key", self.corrupt_key)
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """A RestoreShard applied: every restored key now has version `index`."""
+
+    index: int
+    key_count: int
+    content_digest: int  # xxh64 over every (key, value): equals the backup's, versions aside
+
+    def __post_init__(self) -> None:
+        for name in ("index", "key_count", "content_digest"):
+            _check_version(name, getattr(self, name), optional=False)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchWritten:
+    """A PutBatch applied: every key in it now has this version (the entry's index)."""
+
+    version: int
+
+    def __post_init__(self) -> None:
+        _check_version("version", self.version, optional=False)
+
+
+Outcome = KeyVersion | TxnResult | Failed | ReplicaHash | Restored | BatchWritten
 _E = TypeVar("_E", bound=enum.Enum)
 
 # --- Wire tags and enum numbering. Append only: these bytes live in logs and snapshots. ---
 
-_PUT, _DELETE, _TXN = 1, 2, 3
-_KEY_VERSION, _FAILED, _TXN_RESULT = 1, 2, 3
+_PUT, _DELETE, _TXN, _HASH_CHECK, _RESTORE_SHARD, _PUT_BATCH = 1, 2, 3, 4, 5, 6
+_KEY_VERSION, _FAILED, _TXN_RESULT, _REPLICA_HASH, _RESTORED, _BATCH_WRITTEN = 1, 2, 3, 4, 5, 6
 _TARGETS = (CompareTarget.VERSION, CompareTarget.VALUE)
 _OPS = (CompareOp.EQUAL, CompareOp.NOT_EQUAL, CompareOp.LESS, CompareOp.GREATER)
 _KINDS = (TxnOpKind.PUT, TxnOpKind.DELETE, TxnOpKind.GET)
@@ -177,6 +255,12 @@ def encode_command(command: Command) -> bytes:
             [(_KIND_CODES[op.kind], op.key, op.value) for op in request.failure],
             command.idempotency_key,
         )
+    elif isinstance(command, HashCheck):
+        fields = (_HASH_CHECK,)
+    elif isinstance(command, RestoreShard):
+        fields = (_RESTORE_SHARD, command.snapshot, command.replace)
+    elif isinstance(command, PutBatch):
+        fields = (_PUT_BATCH, command.items)
     else:
         raise TypeError(f"not a command: {command!r}")
     packed: bytes = msgpack.packb(fields)
@@ -205,6 +289,15 @@ def decode_command(data: bytes) -> Command:
                 failure=tuple(_decode_op(op) for op in failure),
             )
             return Txn(request, idempotency_key)
+        if tag == _HASH_CHECK:
+            (_,) = fields
+            return HashCheck()
+        if tag == _RESTORE_SHARD:
+            _, snapshot, replace = fields
+            return RestoreShard(snapshot, replace)
+        if tag == _PUT_BATCH:
+            _, items = fields
+            return PutBatch(items)
     except (TypeError, ValueError, IndexError, KeyError) as exc:
         raise ValueError(f"malformed command: {exc}") from exc
     raise ValueError(f"unknown command tag {tag!r}")
@@ -233,6 +326,18 @@ def encode_outcome(outcome: Outcome) -> bytes:
             outcome.succeeded,
             [(_KIND_CODES[r.kind], r.key, r.version, r.value) for r in outcome.results],
         )
+    elif isinstance(outcome, ReplicaHash):
+        fields = (
+            _REPLICA_HASH,
+            outcome.index,
+            outcome.key_count,
+            outcome.digest,
+            outcome.corrupt_key,
+        )
+    elif isinstance(outcome, Restored):
+        fields = (_RESTORED, outcome.index, outcome.key_count, outcome.content_digest)
+    elif isinstance(outcome, BatchWritten):
+        fields = (_BATCH_WRITTEN, outcome.version)
     else:
         raise TypeError(f"not an outcome: {outcome!r}")
     packed: bytes = msgpack.packb(fields)
@@ -257,6 +362,15 @@ def decode_outcome(data: bytes) -> Outcome:
             if not isinstance(succeeded, bool):
                 raise TypeError("succeeded must be bool")
             return TxnResult(succeeded, tuple(_decode_op_result(r) for r in results))
+        if tag == _REPLICA_HASH:
+            _, index, key_count, digest, corrupt_key = fields
+            return ReplicaHash(index, key_count, digest, corrupt_key)
+        if tag == _RESTORED:
+            _, index, key_count, content_digest = fields
+            return Restored(index, key_count, content_digest)
+        if tag == _BATCH_WRITTEN:
+            _, version = fields
+            return BatchWritten(version)
     except (TypeError, ValueError, IndexError, KeyError) as exc:
         raise ValueError(f"malformed outcome: {exc}") from exc
     raise ValueError(f"unknown outcome tag {tag!r}")

@@ -3,6 +3,8 @@
 It depends only on the `KVService` Protocol and the error tree, never on Raft, routing or LMDB.
 `error_response` is the one place that maps exceptions to HTTP; every error body has the shape
 {"error": {"code", "message", ...}}, and no traceback or HTML page ever leaves this module.
+Access control: a middleware authenticates every non-public route (401 without a valid bearer
+token when auth is on); each handler then calls `authorize(request, action, key_or_prefix)`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from aiohttp import web
@@ -23,14 +26,30 @@ from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
 
+from kvstore.auth import (
+    ANONYMOUS_SUPERUSER,
+    Action,
+    Grants,
+    User,
+    UserAdmin,
+    UserDirectory,
+    check_user_name,
+    hash_token,
+    new_token,
+    require,
+)
 from kvstore.errors import (
     InvalidRequest,
     KVError,
     PayloadTooLarge,
     PreconditionFailed,
+    ReplicaCorrupted,
     ShardUnavailable,
+    TooManyRequests,
+    Unauthenticated,
 )
 from kvstore.service import (
+    MAX_HOPS,
     CompareOp,
     CompareTarget,
     Consistency,
@@ -45,7 +64,19 @@ from kvstore.service import (
     TxnRequest,
 )
 
-__all__ = ["KV_ROUTE_PREFIX", "create_app", "error_response", "parse_txn", "txn_body_limit_bytes"]
+__all__ = [
+    "KV_ROUTE_PREFIX",
+    "PUBLIC_ROUTES",
+    "AuthSettings",
+    "authorize",
+    "create_app",
+    "current_user",
+    "error_response",
+    "parse_batch",
+    "parse_txn",
+    "read_body",
+    "txn_body_limit_bytes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +84,9 @@ KV_ROUTE_PREFIX: Final = "/v1/kv/"
 MAX_VERSION: Final = 2**63 - 1
 MAX_CURSOR_BYTES: Final = 8192
 MAX_IDEMPOTENCY_KEY_CHARS: Final = 128
-MAX_HOPS: Final = 1000
+MAX_QUERY_BODY_BYTES: Final = 1 << 20
+# Nodes forward over /v1/internal/*; a client's X-KV-Hops must leave one forward to the leader.
+MAX_CLIENT_HOPS: Final = MAX_HOPS - 1
 _BODY_CHUNK_BYTES: Final = 64 * 1024
 _INTERNAL_ERROR_MESSAGE: Final = "internal error; see the node log"
 
@@ -89,6 +122,8 @@ def _error_json(
     headers: dict[str, str] = {}
     if status == 503:
         headers["Retry-After"] = str(body.get("retry_after_s", 1))
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="kvstore"'  # RFC 6750
     return web.json_response({"error": body}, status=status, headers=headers)
 
 
@@ -100,6 +135,8 @@ def error_response(exc: BaseException) -> web.Response:
             extra["current_version"] = exc.current_version
         if isinstance(exc, ShardUnavailable):
             extra["retry_after_s"] = max(0, int(exc.retry_after_s))
+        if isinstance(exc, ReplicaCorrupted):
+            extra.update(shard=exc.shard_id, key=exc.key)
         return _error_json(exc.status, exc.code, exc.message, extra=extra)
     if isinstance(exc, web.HTTPException) and exc.status >= 400:
         code, message = _HTTP_EXCEPTION_CODES.get(exc.status, (f"http_{exc.status}", exc.reason))
@@ -123,6 +160,96 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
             # A bug: the traceback goes to the log, never to the client.
             logger.exception("unhandled error in %s %s", request.method, _route_label(request))
         return error_response(exc)
+
+
+# --- authentication, authorization and per-client limits ------------------------------------
+
+# Routes anyone may call, even with auth on: probes and scrapes carry no data or key names.
+PUBLIC_ROUTES: Final = frozenset({"/health", "/ready", "/metrics"})
+INTERNAL_ROUTE_PREFIX: Final = "/v1/internal/"  # peers only: guarded by kvstore.internal_api
+_USER_KEY: Final = web.RequestKey("kv_user", User)
+_BEARER = re.compile(r"Bearer ([\x21-\x7e]{1,512})", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    enabled: bool
+    directory: UserDirectory
+    admin: UserAdmin
+
+
+def _authenticate(request: web.Request, directory: UserDirectory) -> User:
+    headers = request.headers.getall("Authorization", [])
+    if not headers:
+        raise Unauthenticated("this route needs an Authorization: Bearer <token> header")
+    match = _BEARER.fullmatch(headers[0]) if len(headers) == 1 else None
+    if match is None:
+        raise Unauthenticated("the Authorization header must be one 'Bearer <token>'")
+    user = directory.user_by_token_hash(hash_token(match.group(1)))
+    if user is None:
+        raise Unauthenticated("the bearer token is not valid (unknown, revoked or mistyped)")
+    return user
+
+
+def _auth_middleware(auth: AuthSettings | None) -> Middleware:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        if auth is None or not auth.enabled:
+            request[_USER_KEY] = ANONYMOUS_SUPERUSER
+        elif path not in PUBLIC_ROUTES and not path.startswith(INTERNAL_ROUTE_PREFIX):
+            # Even unmatched routes: an unauthenticated caller learns nothing about routing.
+            request[_USER_KEY] = _authenticate(request, auth.directory)
+        return await handler(request)
+
+    return middleware
+
+
+def current_user(request: web.Request) -> User:
+    """Who the request runs as (the anonymous superuser when auth is off)."""
+    user = request.get(_USER_KEY)
+    if not isinstance(user, User):
+        # Only internal routes skip authentication, and they never ask.
+        raise Unauthenticated("this route needs an Authorization: Bearer <token> header")
+    return user
+
+
+def authorize(
+    request: web.Request, action: Action, key_or_prefix: str, *, what: str = "key"
+) -> User:
+    """The one check every route makes: raises Forbidden (403) unless the request's user may
+    `action` every key under `key_or_prefix` (a key is its own prefix; "" means every key).
+    A scan or query over a prefix the user may not wholly read is refused, never clipped."""
+    user = current_user(request)
+    require(user, action, key_or_prefix, what=what)
+    return user
+
+
+def _per_client_limit_middleware(limits: Limits) -> Middleware:
+    in_flight: dict[str, int] = {}
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(INTERNAL_ROUTE_PREFIX):
+            return await handler(request)  # peers forward many clients' requests
+        client = request.remote or "unknown"
+        count = in_flight.get(client, 0)
+        if count >= limits.max_requests_in_flight_per_client:
+            raise TooManyRequests(
+                f"{count} requests from {client} are in flight; the limit is "
+                f"{limits.max_requests_in_flight_per_client}: wait for some to finish"
+            )
+        in_flight[client] = count + 1
+        try:
+            return await handler(request)
+        finally:
+            remaining = in_flight[client] - 1
+            if remaining:
+                in_flight[client] = remaining
+            else:
+                del in_flight[client]
+
+    return middleware
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -279,7 +406,7 @@ def _context(request: web.Request, *, accepts_idempotency_key: bool) -> RequestC
     hops_values = request.headers.getall("X-KV-Hops", [])
     if len(hops_values) > 1:
         raise InvalidRequest("X-KV-Hops given more than once")
-    hops = _decimal(hops_values[0], "X-KV-Hops", low=0, high=MAX_HOPS) if hops_values else 0
+    hops = _decimal(hops_values[0], "X-KV-Hops", low=0, high=MAX_CLIENT_HOPS) if hops_values else 0
     idempotency_key: str | None = None
     if accepts_idempotency_key:
         keys = request.headers.getall("Idempotency-Key", [])
@@ -298,7 +425,7 @@ def _context(request: web.Request, *, accepts_idempotency_key: bool) -> RequestC
     return RequestContext(hops=hops, idempotency_key=idempotency_key)
 
 
-async def _read_body(request: web.Request, limit: int, what: str) -> bytes:
+async def read_body(request: web.Request, limit: int, what: str) -> bytes:
     # Our own capped reader, so the limit is exact and the error names what was too large;
     # the Application's client_max_size only guards handlers that call request.read().
     if request.content_length is not None and request.content_length > limit:
@@ -309,6 +436,10 @@ async def _read_body(request: web.Request, limit: int, what: str) -> bytes:
         if len(body) > limit:
             raise PayloadTooLarge(f"{what} is over the limit of {limit} bytes")
     return bytes(body)
+
+
+def _compact_json(doc: Any) -> str:
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
 
 
 def _b64encode(value: bytes) -> str:
@@ -439,6 +570,35 @@ def parse_txn(body: bytes, limits: Limits) -> TxnRequest:
     )
 
 
+# --- the batch body --------------------------------------------------------------------------
+
+_BATCH_FIELDS: Final = frozenset({"puts"})
+_BATCH_PUT_FIELDS: Final = frozenset({"key", "value"})
+
+
+def parse_batch(body: bytes, limits: Limits) -> list[tuple[str, bytes]]:
+    """{"puts": [{"key": str, "value": base64}, ...]} -> [(key, value)], all checked."""
+    try:
+        doc = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise InvalidRequest("the body is not valid JSON") from None
+    puts = _object(doc, "the body", _BATCH_FIELDS)["puts"]
+    if not isinstance(puts, list) or not puts:
+        raise InvalidRequest("puts must be a non-empty JSON array")
+    if len(puts) > limits.max_batch_puts:
+        raise InvalidRequest(
+            f"puts has {len(puts)} entries; the limit is {limits.max_batch_puts}: split the batch"
+        )
+    items = []
+    for i, item in enumerate(puts):
+        # The common case checked in one comparison; _object explains what is wrong otherwise.
+        if not isinstance(item, dict) or item.keys() != _BATCH_PUT_FIELDS:
+            _object(item, f"puts[{i}]", _BATCH_PUT_FIELDS)
+        where = f"puts[{i}]"
+        items.append((_key_field(item, where, limits), _value_field(item, where, limits)))
+    return items
+
+
 def _txn_result_json(result: TxnOpResult) -> dict[str, Any]:
     item: dict[str, Any] = {"op": result.kind.value, "key": result.key, "version": result.version}
     if result.kind is TxnOpKind.GET:
@@ -461,6 +621,7 @@ class _Routes:
 
     async def get_key(self, request: web.Request) -> web.Response:
         key = _key_from_path(request, self._limits)
+        authorize(request, Action.READ, key)
         params = _query(request)
         consistency = _consistency(params)
         ctx = _context(request, accepts_idempotency_key=False)
@@ -473,14 +634,16 @@ class _Routes:
 
     async def put_key(self, request: web.Request) -> web.Response:
         key = _key_from_path(request, self._limits)
+        authorize(request, Action.WRITE, key)
         if_version = _if_version(_query(request))
         ctx = _context(request, accepts_idempotency_key=True)
-        value = await _read_body(request, self._limits.max_value_bytes, "value")
+        value = await read_body(request, self._limits.max_value_bytes, "value")
         written = await self._service.put(key, value, if_version, ctx)
         return web.json_response({"key": written.key, "version": written.version})
 
     async def delete_key(self, request: web.Request) -> web.Response:
         key = _key_from_path(request, self._limits)
+        authorize(request, Action.WRITE, key)
         if_version = _if_version(_query(request))
         ctx = _context(request, accepts_idempotency_key=True)
         deleted = await self._service.delete(key, if_version, ctx)
@@ -490,6 +653,7 @@ class _Routes:
         params = _query(request)
         limits = self._limits
         prefix = _check_bound(_param(params, "prefix") or "", limits, "prefix")
+        authorize(request, Action.READ, prefix, what="the keys with prefix")
         start = _param(params, "start") or None  # empty = unbounded
         end = _param(params, "end") or None
         raw_limit = _param(params, "limit")
@@ -516,12 +680,58 @@ class _Routes:
 
     async def txn(self, request: web.Request) -> web.Response:
         ctx = _context(request, accepts_idempotency_key=True)
-        body = await _read_body(request, txn_body_limit_bytes(self._limits), "txn body")
-        result = await self._service.txn(parse_txn(body, self._limits), ctx)
+        body = await read_body(request, txn_body_limit_bytes(self._limits), "txn body")
+        txn = parse_txn(body, self._limits)
+        for compare in txn.compare:
+            authorize(request, Action.READ, compare.key)
+        for op in (*txn.success, *txn.failure):
+            authorize(request, Action.READ if op.kind is TxnOpKind.GET else Action.WRITE, op.key)
+        result = await self._service.txn(txn, ctx)
         return web.json_response(
             {
                 "succeeded": result.succeeded,
                 "results": [_txn_result_json(item) for item in result.results],
+            }
+        )
+
+    async def query(self, request: web.Request) -> web.Response:
+        ctx = _context(request, accepts_idempotency_key=False)
+        body = await read_body(request, MAX_QUERY_BODY_BYTES, "query body")
+        try:
+            doc = json.loads(body, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            raise InvalidRequest("the body is not valid JSON") from None
+        spec = self._service.parse_query(doc)
+        # Refused, never clipped: a partial answer could pass for a whole one.
+        authorize(request, Action.READ, spec.key_prefix, what="the keys with prefix")
+        return web.json_response(await self._service.query(spec, ctx), dumps=_compact_json)
+
+    async def batch(self, request: web.Request) -> web.Response:
+        ctx = _context(request, accepts_idempotency_key=False)
+        body = await read_body(request, self._limits.max_batch_bytes, "batch body")
+        items = parse_batch(body, self._limits)
+        for key, _ in items:
+            authorize(request, Action.WRITE, key)
+        results = await self._service.batch_put(items, ctx)
+        # Versions as a bare array in request order, errors apart: encoding one object per key
+        # cost a sixth of a bulk load's CPU on the node.
+        versions: list[int | None] = []
+        errors: list[dict[str, Any]] = []
+        for index, result in enumerate(results):
+            if isinstance(result, KVError):
+                versions.append(None)
+                error = {"index": index, "key": items[index][0], "code": result.code}
+                errors.append({**error, "message": result.message})
+            else:
+                versions.append(result)
+        if len(errors) == len(results):
+            raise next(r for r in results if isinstance(r, KVError))  # one clear error (503...)
+        return web.json_response(
+            {
+                "written": len(results) - len(errors),
+                "failed": len(errors),
+                "versions": versions,
+                "errors": errors,
             }
         )
 
@@ -545,15 +755,72 @@ class _Routes:
         )
 
 
-def create_app(service: KVService, *, registry: CollectorRegistry) -> web.Application:
-    """The public API of one node; the node may add its own routes under /v1/internal/."""
+class _AuthRoutes:
+    """Who am I, and (admins only) the user table: add or re-issue, list, delete."""
+
+    def __init__(self, auth: AuthSettings | None) -> None:
+        self._auth = auth
+
+    def _settings(self) -> AuthSettings:
+        if self._auth is None:
+            raise ShardUnavailable("this server keeps no user table", retry_after_s=0)
+        return self._auth
+
+    async def whoami(self, request: web.Request) -> web.Response:
+        enabled = self._auth is not None and self._auth.enabled
+        return web.json_response(_user_json(current_user(request), auth_enabled=enabled))
+
+    async def list_users(self, request: web.Request) -> web.Response:
+        authorize(request, Action.ADMIN, "")
+        users = self._settings().directory.users()
+        return web.json_response({"users": [_user_json(user) for user in users]})
+
+    async def put_user(self, request: web.Request) -> web.Response:
+        authorize(request, Action.ADMIN, "")
+        body = await read_body(request, _USER_BODY_LIMIT_BYTES, "user body")
+        try:
+            doc = json.loads(body, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            raise InvalidRequest("the body is not valid JSON") from None
+        doc = _object(doc, "the body", frozenset({"name", "grants"}))
+        name = check_user_name(doc["name"])
+        grants = Grants.from_json(doc["grants"])
+        token = new_token()
+        await self._settings().admin.put_user(User(name, grants, hash_token(token)))
+        # The only time the token is ever shown: the node keeps just its hash.
+        return web.json_response({"name": name, "grants": grants.to_json(), "token": token})
+
+    async def delete_user(self, request: web.Request) -> web.Response:
+        authorize(request, Action.ADMIN, "")
+        name = check_user_name(request.match_info["name"])
+        await self._settings().admin.delete_user(name)
+        return web.json_response({"name": name, "deleted": True})
+
+
+_USER_BODY_LIMIT_BYTES: Final = 1 << 20
+
+
+def _user_json(user: User, **extra: Any) -> dict[str, Any]:
+    return {"name": user.name, "grants": user.grants.to_json(), **extra}
+
+
+def create_app(
+    service: KVService, *, registry: CollectorRegistry, auth: AuthSettings | None = None
+) -> web.Application:
+    """The public API of one node; the node may add its own routes under /v1/internal/.
+    Without `auth` (or with auth.enabled False) every request may do everything."""
     limits = service.limits
     # The request line must fit the longest valid scan: three bounds of max_key_bytes, each
     # percent-encoded (3 chars per byte), plus a cursor. aiohttp's default (8190) would answer
     # a valid 4 KiB non-ASCII key with its own plain-text 400 before any handler runs.
     max_line_size = 3 * (3 * limits.max_key_bytes + 16) + 3 * MAX_CURSOR_BYTES + 1024
     app = web.Application(
-        middlewares=[_metrics_middleware(registry), _error_middleware],
+        middlewares=[
+            _metrics_middleware(registry),
+            _error_middleware,
+            _per_client_limit_middleware(limits),
+            _auth_middleware(auth),
+        ],
         client_max_size=txn_body_limit_bytes(limits),
         handler_args={"max_line_size": max(max_line_size, 8190)},
     )
@@ -564,8 +831,15 @@ def create_app(service: KVService, *, registry: CollectorRegistry) -> web.Applic
     app.router.add_delete(key_path, routes.delete_key)
     app.router.add_get("/v1/scan", routes.scan)
     app.router.add_post("/v1/txn", routes.txn)
+    app.router.add_post("/v1/query", routes.query)
+    app.router.add_post("/v1/batch", routes.batch)
     app.router.add_get("/v1/cluster", routes.cluster)
     app.router.add_get("/health", routes.health)
     app.router.add_get("/ready", routes.ready)
     app.router.add_get("/metrics", routes.metrics)
+    auth_routes = _AuthRoutes(auth)
+    app.router.add_get("/v1/auth/whoami", auth_routes.whoami)
+    app.router.add_get("/v1/auth/users", auth_routes.list_users)
+    app.router.add_post("/v1/auth/users", auth_routes.put_user)
+    app.router.add_delete("/v1/auth/users/{name}", auth_routes.delete_user)
     return app

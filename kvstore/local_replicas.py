@@ -12,6 +12,7 @@ import logging
 
 import lmdb
 
+from kvstore.encryption import ValueCipher
 from kvstore.meta import MetaStateMachine
 from kvstore.sharding import META_GROUP_ID, ShardMap
 from kvstore.state_machine import KVDatabases, KVStateMachine
@@ -33,12 +34,15 @@ class LocalReplicas:
         store: LmdbLogStore,
         meta: MetaStateMachine,
         shards: dict[int, KVStateMachine],
+        *,
+        cipher: ValueCipher | None = None,
     ) -> None:
         self._node_id = node_id
         self._host = host
         self._store = store
         self._meta = meta
         self._shards = shards  # shared with the router: the local shard state machines
+        self._cipher = cipher  # None: values stored in the clear
         self._env: lmdb.Environment = store.env
         # Opened here, before the Raft host runs (see KVDatabases for why).
         self._db = self._env.open_db(b"node.replicas")  # group -> replica id its state is of
@@ -62,7 +66,7 @@ class LocalReplicas:
         # Founding replicas bootstrap (a no-op when they have state); joiners start empty and
         # learn the group, from a snapshot, from its leader.
         bootstrap = (
-            ConfState(voters=frozenset(shard_map.shard(group_id).replicas)) if is_founding else None
+            ConfState(voters=frozenset(shard_map.group(group_id).replicas)) if is_founding else None
         )
         if group_id == META_GROUP_ID:
             machine: MetaStateMachine | KVStateMachine = self._meta
@@ -93,7 +97,7 @@ class LocalReplicas:
             machine.clear()
 
     def _new_machine(self, group_id: int) -> KVStateMachine:
-        return KVStateMachine(self._env, group_id, dbs=self._kv_dbs)
+        return KVStateMachine(self._env, group_id, dbs=self._kv_dbs, cipher=self._cipher)
 
     def _stored_replica_id(self, group_id: int) -> NodeId | None:
         with self._env.begin(db=self._db) as txn:

@@ -121,7 +121,7 @@ def _changed(shard_map: ShardMap, change: MapChange) -> ShardMap:
                 raise ChangeRefused(f"node {node_id} still hosts replicas")
             return replace(shard_map, nodes=tuple(n for n in shard_map.nodes if n.id != node_id))
         case StartMove(group, leaving, joining_node):
-            replicas = shard_map.shard(group).replicas
+            replicas = shard_map.group(group).replicas
             if shard_map.move_of(group) is not None:
                 raise ChangeRefused(f"group {group} already has a move in progress")
             if leaving not in replicas:
@@ -143,7 +143,7 @@ def _changed(shard_map: ShardMap, change: MapChange) -> ShardMap:
                 raise ChangeRefused(f"no such move {move}")
             replicas = tuple(
                 move.joining if r == move.leaving else r
-                for r in shard_map.shard(move.group).replicas
+                for r in shard_map.group(move.group).replicas
                 if r != move.leaving or move.joining != NO_NODE
             )
             return _with_replicas(_without_move(shard_map, move), move.group, replicas)
@@ -152,7 +152,7 @@ def _changed(shard_map: ShardMap, change: MapChange) -> ShardMap:
                 raise ChangeRefused(f"no such move {move}")
             return _without_move(shard_map, move)
         case SetPreferredLeader(group, replica):
-            replicas = shard_map.shard(group).replicas
+            replicas = shard_map.group(group).replicas
             if replica not in replicas or group == META_GROUP_ID:
                 raise ChangeRefused(f"replica {replica} is not in shard {group}")
             ordered = (replica, *(r for r in replicas if r != replica))
@@ -171,8 +171,8 @@ def _with_replicas(shard_map: ShardMap, group: int, replicas: tuple[NodeId, ...]
     return replace(shard_map, shards=shards)
 
 
-# --- Wire tags. Append only: these bytes live in the meta group's log. ---
-_ADD_NODE, _DRAIN_NODE, _REMOVE_NODE, _START, _FINISH, _ABORT, _PREFER, _DOWN = range(2, 10)
+# --- Wire tags, after kvstore.meta's own (1-3). Append only: they live in the meta log. ---
+_ADD_NODE, _DRAIN_NODE, _REMOVE_NODE, _START, _FINISH, _ABORT, _PREFER, _DOWN = range(4, 12)
 
 
 def encode_change(change: MapChange) -> bytes:

@@ -12,9 +12,51 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from kvstore.consistency_check import DIVERGENT, ConsistencyChecker
+from kvstore.quarantine import ReplicaQuarantine
 from raft.core.types import NodeId
 from raft.runtime.host import FSYNC_BUCKETS_S, RaftHost
 from raft.runtime.transport import PeerStats
+
+
+class SecurityCollector(Collector):
+    """Connections and calls this node refused: the evidence of a probe or a misconfigured peer."""
+
+    def __init__(
+        self,
+        raft_refusals: Callable[[], Mapping[str, int]],
+        http_connections_refused: Callable[[], Mapping[str, int]],
+        internal_calls_refused: Callable[[], int],
+    ) -> None:
+        self._raft_refusals = raft_refusals
+        self._http_connections_refused = http_connections_refused
+        self._internal_calls_refused = internal_calls_refused
+
+    def collect(self) -> Iterator[Metric]:
+        refused = CounterMetricFamily(
+            "kv_peer_connections_refused",
+            "Inbound Raft transport connections refused, by reason (tls_handshake: no "
+            "certificate signed by the cluster CA, or not TLS at all; too_many: over the cap)",
+            labels=["reason"],
+        )
+        for reason, count in self._raft_refusals().items():
+            refused.add_metric([reason], count)
+        yield refused
+        http_refused = CounterMetricFamily(
+            "kv_http_connections_refused",
+            "HTTP connections refused, by reason (tls_handshake: a certificate the cluster CA "
+            "did not sign, or plain HTTP to the HTTPS port; too_many: over "
+            "limits.max_client_connections)",
+            labels=["reason"],
+        )
+        for reason, count in self._http_connections_refused().items():
+            http_refused.add_metric([reason], count)
+        yield http_refused
+        yield CounterMetricFamily(
+            "kv_internal_requests_refused",
+            "Requests to /v1/internal/* refused: no node certificate, or wrong cluster secret",
+            value=self._internal_calls_refused(),
+        )
 
 
 class RaftCollector(Collector):
@@ -67,3 +109,49 @@ class RaftCollector(Collector):
             received.add_metric([str(peer)], stats.bytes_received)
         yield sent
         yield received
+
+
+class IntegrityCollector(Collector):
+    """Checksum failures, quarantined replicas and consistency-check results of this node."""
+
+    def __init__(self, quarantine: ReplicaQuarantine, checker: ConsistencyChecker) -> None:
+        self._quarantine = quarantine
+        self._checker = checker
+
+    def collect(self) -> Iterator[Metric]:
+        quarantine, checker = self._quarantine, self._checker
+        failures = CounterMetricFamily(
+            "kv_checksum_failures",
+            "Stored records of a local replica that failed their checksum when read",
+            labels=["shard"],
+        )
+        for shard, count in sorted(quarantine.checksum_failures.items()):
+            failures.add_metric([str(shard)], count)
+        corrupted = GaugeMetricFamily(
+            "kv_replica_corrupted",
+            "1 if this node's replica of the shard is quarantined for a checksum failure",
+            labels=["shard"],
+        )
+        for shard in sorted(quarantine.corrupt_keys):
+            corrupted.add_metric([str(shard)], 1)
+        yield from (failures, corrupted)
+        yield CounterMetricFamily(
+            "kv_consistency_checks",
+            "Shard consistency checks this node ran",
+            value=checker.checks_run,
+        )
+        divergent = GaugeMetricFamily(
+            "kv_consistency_check_divergent",
+            "1 if this node's latest check of the shard found replicas that disagree or fail "
+            "a checksum, else 0",
+            labels=["shard"],
+        )
+        checked_at = GaugeMetricFamily(
+            "kv_consistency_check_timestamp_seconds",
+            "When this node last checked the shard (Unix time)",
+            labels=["shard"],
+        )
+        for shard, report in sorted(checker.last.items()):
+            divergent.add_metric([str(shard)], 1 if report.status == DIVERGENT else 0)
+            checked_at.add_metric([str(shard)], report.checked_at_s)
+        yield from (divergent, checked_at)

@@ -116,12 +116,12 @@ class MoveExecutor:
 
     async def _tidy(self, shard_map: ShardMap, group: int) -> None:
         status = self._host.status(group)
-        members = set(shard_map.shard(group).replicas)
+        members = set(shard_map.group(group).replicas)
         for learner in status.learners:
             if learner not in members:  # left over from an aborted move
                 await self._change(group, ConfChangeType.REMOVE_NODE, learner)
                 return
-        preferred = shard_map.shard(group).replicas[0]
+        preferred = shard_map.group(group).replicas[0]
         if (
             group != META_GROUP_ID
             and preferred != self._host.replica_id(group)
@@ -137,7 +137,7 @@ class MoveExecutor:
         if self._host.is_caught_up(group, target):
             self._last_transfer[group] = now
             log.info("group %d: handing leadership to replica %d", group, target)
-            self._host.transfer_leader(group, target)
+            self._host.request_leader_transfer(group, target)
         else:
             log.debug("group %d: replica %d not caught up for a hand-off", group, target)
 

@@ -6,6 +6,10 @@ internal routes of kvstore.internal_api, so forwarding adds no second JSON codec
 
 from __future__ import annotations
 
+import contextlib
+import json
+import ssl
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -19,6 +23,7 @@ from kvstore.errors import (
     OutcomeUnknown,
     PayloadTooLarge,
     PreconditionFailed,
+    ReplicaCorrupted,
     ShardUnavailable,
     StaleShardMap,
 )
@@ -28,7 +33,8 @@ from raft.core.types import NO_NODE, NodeId
 HOPS_HEADER = "X-KV-Hops"
 EPOCH_HEADER = "X-KV-Map-Epoch"
 LEADER_HEADER = "X-KV-Leader"
-MAX_HOPS = 3  # any node -> replica -> leader, plus one leader change on the way
+NODE_HEADER = "X-KV-Node"  # which node answered a streamed internal route
+CLUSTER_SECRET_HEADER = "X-KV-Cluster-Secret"  # peers' proof on internal routes without TLS
 
 
 class NotLeaderHere(KVError):
@@ -60,9 +66,14 @@ _ERRORS: dict[str, type[KVError]] = {
 }
 
 
+def error_from_code(code: str, message: str) -> KVError:
+    """The KVError a peer reported by its code (one it should not send: ShardUnavailable)."""
+    return _ERRORS.get(code, ShardUnavailable)(message)
+
+
 def _error_from(status: int, headers: Any, body: bytes) -> KVError:
     try:
-        error = msgpack.unpackb(body) if body[:1] != b"{" else __import__("json").loads(body)
+        error = msgpack.unpackb(body) if body[:1] != b"{" else json.loads(body)
         details = error["error"]
         code, message = str(details["code"]), str(details["message"])
     except Exception:  # a peer that answers garbage is as good as unavailable
@@ -71,19 +82,35 @@ def _error_from(status: int, headers: Any, body: bytes) -> KVError:
         return PreconditionFailed(message, int(details.get("current_version", 0)))
     if code == NotLeaderHere.code:
         return NotLeaderHere(message, NodeId(int(headers.get(LEADER_HEADER, 0) or 0)))
-    return _ERRORS.get(code, ShardUnavailable)(message)
+    if code == ReplicaCorrupted.code:  # that replica is out; the caller tries another
+        return ReplicaCorrupted(message, int(details.get("shard", -1)), str(details.get("key")))
+    return error_from_code(code, message)
 
 
 class PeerClient:
-    def __init__(self, timeout_s: float) -> None:
+    """Calls peers' internal routes: over mutual TLS (our node certificate) when `tls` is set,
+    else with the cluster secret when auth needs one."""
+
+    def __init__(
+        self,
+        timeout_s: float,
+        *,
+        tls: ssl.SSLContext | None = None,
+        cluster_secret: str | None = None,
+    ) -> None:
         self._timeout_s = timeout_s
+        self._tls = tls
+        self._headers = {CLUSTER_SECRET_HEADER: cluster_secret} if cluster_secret else {}
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout_s),
-                connector=aiohttp.TCPConnector(limit=256, limit_per_host=64),
+                connector=aiohttp.TCPConnector(
+                    limit=256, limit_per_host=64, ssl=self._tls if self._tls else True
+                ),
+                headers=self._headers,
             )
         return self._session
 
@@ -105,6 +132,25 @@ class PeerClient:
     ) -> bytes:
         """POST body to an internal route. Raises PeerUnreachable if it was never delivered,
         OutcomeUnknown if it may have been (timeout, dropped connection), or the peer's KVError."""
+        async with self.open_stream(
+            base_url, route, body, hops=hops, epoch=epoch, timeout_s=timeout_s, params=params
+        ) as (_node, stream):
+            return await stream.read()
+
+    @contextlib.asynccontextmanager
+    async def open_stream(
+        self,
+        base_url: str,
+        route: str,
+        body: bytes,
+        *,
+        hops: int,
+        epoch: int,
+        timeout_s: float,
+        params: dict[str, str] | None = None,
+    ) -> AsyncIterator[tuple[NodeId, aiohttp.StreamReader]]:
+        """As call, for an answer read as a stream: yields (the answering node, its body).
+        timeout_s bounds the whole exchange, reading included."""
         headers = {HOPS_HEADER: str(hops), EPOCH_HEADER: str(epoch)}
         try:
             async with self._client().post(
@@ -114,10 +160,10 @@ class PeerClient:
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, 2)),
             ) as response:
-                payload = await response.read()
-                if response.status == 200:
-                    return payload
-                raise _error_from(response.status, response.headers, payload)
+                if response.status != 200:
+                    raise _error_from(response.status, response.headers, await response.read())
+                node = response.headers.get(NODE_HEADER, "")
+                yield NodeId(int(node) if node.isdigit() else NO_NODE), response.content
         except (aiohttp.ClientConnectorError, ConnectionRefusedError) as error:
             raise PeerUnreachable(f"{base_url}: {error}") from error
         except (TimeoutError, aiohttp.ClientError) as error:

@@ -8,17 +8,35 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
+import contextlib
 import heapq
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import msgpack
 
+from kvstore.auth import User
 from kvstore.balancer import plan_changes
-from kvstore.commands import Delete, Failed, Put, Txn, decode_command, encode_command
+from kvstore.commands import (
+    FAILED_INVALID,
+    FAILED_NOT_FOUND,
+    FAILED_PRECONDITION,
+    BatchWritten,
+    Delete,
+    Failed,
+    Put,
+    PutBatch,
+    Txn,
+    decode_command,
+    decode_outcome,
+    encode_command,
+)
 from kvstore.errors import (
     CrossShardTxn,
     InvalidRequest,
@@ -28,16 +46,35 @@ from kvstore.errors import (
     ShardUnavailable,
     StaleShardMap,
 )
-from kvstore.meta import MetaStateMachine, decode_meta_command
+from kvstore.meta import (
+    LAST_ADMIN_REFUSED,
+    MetaStateMachine,
+    check_meta_command,
+    encode_delete_user,
+    encode_put_user,
+)
 from kvstore.peer_client import (
-    MAX_HOPS,
     NotLeaderHere,
     PeerClient,
     PeerUnreachable,
     decode_key_values,
     encode_key_values,
+    error_from_code,
+)
+from kvstore.quarantine import ReplicaQuarantine
+from kvstore.query import PluginRegistry, ShardPlan, merge_partials, parse_query
+from kvstore.query.results import Partial, ReadPoint, RowsPartial
+from kvstore.query.spec import QuerySpec
+from kvstore.query_runner import (
+    QuerySettings,
+    ShardDone,
+    ShardEvent,
+    read_events,
+    scan_shard,
+    shard_failure,
 )
 from kvstore.service import (
+    MAX_HOPS,
     Consistency,
     KeyValue,
     KeyVersion,
@@ -48,7 +85,7 @@ from kvstore.service import (
     TxnResult,
 )
 from kvstore.sharding import META_GROUP_ID, ShardMap, ShardSpec
-from kvstore.state_machine import KVStateMachine
+from kvstore.state_machine import CorruptValueError, KVStateMachine
 from raft.core.errors import NotLeader, ProposalDropped
 from raft.core.types import NO_NODE, NodeId, node_of
 from raft.runtime.host import OutcomeUnknown as RaftOutcomeUnknown
@@ -72,6 +109,9 @@ class Router:
         *,
         client_url_overrides: dict[NodeId, str] | None = None,
         unsafe_stale_reads: bool = False,
+        query_settings: QuerySettings | None = None,
+        plugins: PluginRegistry | None = None,
+        peer_client: PeerClient | None = None,
     ) -> None:
         self.node_id = node_id
         self.limits = limits
@@ -79,12 +119,23 @@ class Router:
         self._meta = meta
         self._shards = shards  # local replicas' state machines, by shard id
         self._timeout_s = request_timeout_s
-        self._peers = PeerClient(request_timeout_s)
+        self._peers = peer_client if peer_client is not None else PeerClient(request_timeout_s)
         self._client_url_overrides = client_url_overrides or {}
         self._unsafe_stale_reads = unsafe_stale_reads  # test-only fault (jepsen_like broken mode)
+        self.query_settings = query_settings or QuerySettings()
+        self._plugins = plugins or PluginRegistry()
+        self._scan_threads = concurrent.futures.ThreadPoolExecutor(
+            self.query_settings.scan_threads, thread_name_prefix="query-scan"
+        )
+        self.quarantine = ReplicaQuarantine(node_id, host)
 
     async def close(self) -> None:
         await self._peers.close()
+        self._scan_threads.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def host(self) -> RaftHost:
+        return self._host
 
     @property
     def shard_map(self) -> ShardMap:
@@ -105,19 +156,15 @@ class Router:
         self, key: str, value: bytes, if_version: int | None, ctx: RequestContext
     ) -> KeyVersion:
         shard = self.shard_map.shard_for_key(key)
-        outcome = await self.propose(
-            shard.id, encode_command(Put(key, value, if_version, ctx.idempotency_key)), ctx
-        )
-        assert isinstance(outcome, KeyVersion), outcome
-        return outcome
+        command = encode_command(Put(key, value, if_version, ctx.idempotency_key))
+        outcome = await self.propose(shard.id, command, ctx, raise_failure=False)
+        return _expect(KeyVersion, outcome, ctx, {FAILED_PRECONDITION})
 
     async def delete(self, key: str, if_version: int | None, ctx: RequestContext) -> KeyVersion:
         shard = self.shard_map.shard_for_key(key)
-        outcome = await self.propose(
-            shard.id, encode_command(Delete(key, if_version, ctx.idempotency_key)), ctx
-        )
-        assert isinstance(outcome, KeyVersion), outcome
-        return outcome
+        command = encode_command(Delete(key, if_version, ctx.idempotency_key))
+        outcome = await self.propose(shard.id, command, ctx, raise_failure=False)
+        return _expect(KeyVersion, outcome, ctx, {FAILED_PRECONDITION, FAILED_NOT_FOUND})
 
     async def txn(self, request: TxnRequest, ctx: RequestContext) -> TxnResult:
         keys = {c.key for c in request.compare}
@@ -131,11 +178,35 @@ class Router:
                 f"the transaction's keys live in {len(shards)} shards ({sorted(shards)}); "
                 "a transaction must stay within one shard: split it, or choose keys of one shard"
             )
-        outcome = await self.propose(
-            shards.pop(), encode_command(Txn(request, ctx.idempotency_key)), ctx
+        command = encode_command(Txn(request, ctx.idempotency_key))
+        outcome = await self.propose(shards.pop(), command, ctx, raise_failure=False)
+        return _expect(TxnResult, outcome, ctx, set())  # a failed compare is a TxnResult too
+
+    async def batch_put(
+        self, items: Sequence[tuple[str, bytes]], ctx: RequestContext
+    ) -> list[int | KVError]:
+        shard_map = self.shard_map
+        positions_by_shard: dict[int, list[int]] = {}
+        for position, (key, _) in enumerate(items):
+            positions_by_shard.setdefault(shard_map.shard_for_key(key).id, []).append(position)
+
+        async def put_shard(shard_id: int, positions: list[int]) -> int:
+            command = PutBatch(tuple(items[position] for position in positions))
+            outcome = await self.propose(shard_id, encode_command(command), ctx)
+            assert isinstance(outcome, BatchWritten), outcome
+            return outcome.version
+
+        answers = await asyncio.gather(
+            *(put_shard(shard, positions) for shard, positions in positions_by_shard.items()),
+            return_exceptions=True,
         )
-        assert isinstance(outcome, TxnResult), outcome
-        return outcome
+        results: list[int | KVError] = [ShardUnavailable("not attempted")] * len(items)
+        for positions, answer in zip(positions_by_shard.values(), answers, strict=True):
+            if isinstance(answer, BaseException) and not isinstance(answer, KVError):
+                raise answer  # a bug or a cancellation, not an outcome of this shard
+            for position in positions:
+                results[position] = answer
+        return results
 
     async def scan(
         self,
@@ -161,6 +232,254 @@ class Router:
         items = tuple(merged[:limit])
         next_cursor = encode_cursor(items[-1].key) if len(merged) > limit and items else None
         return ScanPage(items, next_cursor)
+
+    def parse_query(self, doc: Any) -> QuerySpec:
+        return parse_query(doc, self.query_settings.limits, self._plugins)
+
+    async def query(self, spec: QuerySpec, ctx: RequestContext) -> dict[str, Any]:
+        """POST /v1/query: the plan runs on every shard at once (each at its own read point),
+        and the partials merge here."""
+        settings = self.query_settings
+        shards = self.shard_map.shards
+        budget = settings.shard_budget_bytes(len(shards))
+        scanners = self._spread_scans(shards)
+        answers = await asyncio.gather(
+            *(self._query_shard(shard, scanners[shard.id], spec, budget, ctx) for shard in shards),
+            return_exceptions=True,
+        )
+        partials: list[Partial] = []
+        points: list[ReadPoint] = []
+        failed: dict[int, str] = {}
+        cut_after: str | None = None
+        for shard, answer in zip(shards, answers, strict=True):
+            if isinstance(answer, InvalidRequest):
+                raise answer  # the same on every shard: the query itself is at fault
+            if isinstance(answer, KVError):
+                failed[shard.id] = answer.message
+                continue
+            if isinstance(answer, BaseException):
+                raise answer
+            partials.extend(answer.partials)
+            points.append(ReadPoint(shard.id, answer.node, answer.applied_index))
+            if answer.last_row_key is not None:
+                cut_after = min(cut_after or answer.last_row_key, answer.last_row_key)
+        if failed and not spec.allow_partial:
+            reasons = "; ".join(f"shard {shard}: {message}" for shard, message in failed.items())
+            raise ShardUnavailable(
+                f"{len(failed)} of {len(shards)} shards did not answer ({reasons}); retry, or "
+                "set allow_partial to answer without them"
+            )
+        result = merge_partials(
+            spec,
+            partials,
+            limits=settings.limits,
+            missing_shards=failed,
+            plugins=self._plugins,
+            cut_after=cut_after,
+        )
+        answer_json = replace(result, stats=replace(result.stats, read_points=tuple(points)))
+        document = answer_json.to_json()
+        document["shard_errors"] = [
+            {"shard": shard, "message": message} for shard, message in sorted(failed.items())
+        ]
+        return document
+
+    def _spread_scans(self, shards: Sequence[ShardSpec]) -> dict[int, NodeId]:
+        """Which replica scans each shard: as even a number per node as the replicas allow, so
+        the scans run in parallel in several processes even when one node leads most shards.
+        Ties go to the known leader (no read-point round trip), then to this node."""
+        scans: Counter[NodeId] = Counter()
+        chosen: dict[int, NodeId] = {}
+        for shard in shards:
+            leader = self._leader_node(shard.id)
+            node = min(
+                (node_of(replica) for replica in shard.replicas),
+                key=lambda n: (scans[n], n != leader, n != self.node_id, n),
+            )
+            scans[node] += 1
+            chosen[shard.id] = node
+        return chosen
+
+    async def _query_shard(
+        self,
+        shard: ShardSpec,
+        scanner: NodeId,
+        spec: QuerySpec,
+        budget: int,
+        ctx: RequestContext,
+    ) -> _ShardAnswer:
+        """Scan the shard on `scanner` (a follower first gets the leader's read point); if that
+        node cannot, on the shard's leader, following leader changes."""
+        plan = ShardPlan.for_shard(spec, shard.id, self.query_settings.limits)
+        timeout_s = self.query_settings.timeout_s
+        started = time.monotonic()
+        answer: _ShardAnswer | None = None
+        try:
+            if scanner == self.node_id:
+                answer = await asyncio.wait_for(self._query_here(plan, budget, True), timeout_s)
+            else:
+                answer = await self._query_remote(
+                    self._url_of(scanner), plan, budget, ctx.hops + 1, timeout_s, follower=True
+                )
+        except InvalidRequest:
+            raise
+        except (KVError, PeerUnreachable, NotLeader) as error:
+            log.info(
+                "shard %d: node %d cannot scan it (%s); the leader will",
+                *(shard.id, scanner, error),
+            )
+        except TimeoutError:
+            raise ShardUnavailable(
+                f"shard {shard.id} did not answer within the query timeout of {timeout_s:.0f}s"
+            ) from None
+        if answer is None:
+            answer = await self._on_leader(
+                shard,
+                ctx,
+                lambda: self._query_here(plan, budget),
+                lambda url, hops, timeout: self._query_remote(url, plan, budget, hops, timeout),
+                may_retry_remote=True,
+                any_replica=spec.consistency is Consistency.STALE,
+                work_timeout_s=timeout_s,
+            )
+        last = answer.partials[-1]  # every shard answer has at least one chunk
+        elapsed = replace(last.stats, elapsed_s=time.monotonic() - started)
+        answer.partials[-1] = replace(last, stats=elapsed)
+        return answer
+
+    async def _query_here(
+        self, plan: ShardPlan, budget: int, follower: bool = False
+    ) -> _ShardAnswer:
+        events = await self._shard_events(plan, budget, follower)
+        try:
+            return await _ShardAnswer.collect(self.node_id, events)
+        except (KVError, CorruptValueError, ValueError) as error:
+            raise self.scan_failure(error, plan.shard) from error
+
+    def scan_failure(self, error: BaseException, shard_id: int) -> KVError:
+        """What a failed shard scan answers; a checksum failure quarantines this replica."""
+        if isinstance(error, CorruptValueError):
+            return self.quarantine.report(shard_id, error.key, str(error))
+        return shard_failure(error, shard_id)
+
+    async def _query_remote(
+        self,
+        url: str,
+        plan: ShardPlan,
+        budget: int,
+        hops: int,
+        timeout_s: float,
+        *,
+        follower: bool = False,
+    ) -> _ShardAnswer:
+        spec = plan.spec
+        async with self._peers.open_stream(
+            url,
+            "query",
+            msgpack.packb(plan.to_wire()),
+            hops=hops,
+            epoch=self.shard_map.epoch,
+            timeout_s=timeout_s,
+            params={
+                "shard": str(plan.shard),
+                "consistency": spec.consistency.value,
+                "budget": str(budget),
+                "follower": "1" if follower else "0",
+            },
+        ) as (node, stream):
+            events = read_events(
+                stream.readexactly,
+                spec,
+                settings=self.query_settings,
+                plugins=self._plugins,
+                error_of=error_from_code,
+            )
+            return await _ShardAnswer.collect(node, events)
+
+    async def serve_internal_query(
+        self,
+        shard_id: int,
+        plan_bytes: bytes,
+        consistency: Consistency,
+        budget: int,
+        *,
+        follower: bool,
+    ) -> AsyncGenerator[ShardEvent, None]:
+        """A shard plan sent by a coordinator: refuse it now (not leader, bad plan, no read
+        point) or return the stream of its answer. `follower`: any replica may serve it, at
+        the leader's read point."""
+        try:
+            plan = ShardPlan.from_wire(
+                msgpack.unpackb(plan_bytes, use_list=False),
+                self.query_settings.limits,
+                self._plugins,
+            )
+        except (ValueError, TypeError, msgpack.UnpackException) as error:
+            raise InvalidRequest(f"malformed shard plan: {error}") from error
+        if plan.shard != shard_id or plan.spec.consistency is not consistency:
+            raise InvalidRequest("the shard plan does not match the request parameters")
+        leads = self._host.has_group(shard_id) and self._host.is_leader(shard_id)
+        any_replica = consistency is Consistency.STALE or follower
+        if not leads and not (any_replica and shard_id in self._shards):
+            hint = self._leader_node(shard_id)
+            raise NotLeaderHere(f"node {self.node_id} does not lead shard {shard_id}", hint)
+        try:
+            return await asyncio.wait_for(
+                self._shard_events(plan, budget, follower), self._timeout_s
+            )
+        except NotLeader as error:
+            raise NotLeaderHere(str(error), node_of(error.leader_hint)) from error
+        except TimeoutError:
+            raise ShardUnavailable(
+                f"shard {shard_id} could not confirm a read point within {self._timeout_s:.0f}s"
+            ) from None
+
+    async def _shard_events(
+        self, plan: ShardPlan, budget: int, follower: bool = False
+    ) -> AsyncGenerator[ShardEvent, None]:
+        machine = self._shards.get(plan.shard)
+        if machine is None:
+            raise NotLeaderHere(f"no replica of shard {plan.shard} on node {self.node_id}")
+        self.quarantine.refuse_if_quarantined(plan.shard)
+        if plan.spec.consistency is Consistency.LINEARIZABLE:
+            if follower and not self._host.is_leader(plan.shard):
+                await self._wait_applied(machine, await self._leader_read_point(plan.shard))
+            else:
+                await self._host.read_barrier(plan.shard)  # §6.4 ReadIndex: the read point
+        return scan_shard(
+            machine,
+            plan,
+            settings=self.query_settings,
+            plugins=self._plugins,
+            budget_bytes=budget,
+            executor=self._scan_threads,
+        )
+
+    async def _leader_read_point(self, shard_id: int) -> int:
+        """A follower read (§6.4.1): the leader confirms its leadership (ReadIndex) and names
+        its applied index; once this replica has applied that far, its state is as new as any
+        write acknowledged before the read began."""
+        shard = self.shard_map.shard(shard_id)
+        return await self._read(
+            shard, Consistency.LINEARIZABLE, RequestContext(), "applied", b"", msgpack.unpackb
+        )
+
+    async def _wait_applied(self, machine: KVStateMachine, index: int) -> None:
+        deadline = time.monotonic() + self._timeout_s
+        while (applied := machine.applied_index()) < index:
+            if time.monotonic() > deadline:
+                raise ShardUnavailable(
+                    f"shard {machine.shard_id}'s replica on node {self.node_id} stays behind "
+                    f"the read point (applied {applied} < {index})"
+                )
+            await asyncio.sleep(0.002)
+
+    async def snapshot_shard(self, shard_id: int) -> bytes:
+        """A backup of one shard: its leader's snapshot() after a ReadIndex barrier, so it holds
+        every write acknowledged before the call."""
+        shard = self.shard_map.shard(shard_id)
+        ctx = RequestContext()
+        return await self._read(shard, Consistency.LINEARIZABLE, ctx, "snapshot", b"", _same)
 
     async def node_statuses(self, shard_map: ShardMap) -> dict[NodeId, dict[str, Any] | None]:
         """Every node's local Raft status (None: it did not answer within a second)."""
@@ -255,6 +574,10 @@ class Router:
             return False, f"groups without a known leader: {sorted(leaderless)}"
         return True, "every local shard replica knows its leader"
 
+    async def ask_peer(self, node_id: NodeId, route: str, timeout_s: float) -> Any:
+        """GET /v1/internal/{route} on a peer; its JSON answer."""
+        return await self._peers.get_json(self._url_of(node_id), route, timeout_s=timeout_s)
+
     def _url_of(self, node_id: NodeId) -> str:
         """How this node reaches a peer's HTTP API (through a test proxy when configured)."""
         override = self._client_url_overrides.get(node_id)
@@ -307,12 +630,18 @@ class Router:
                 "commit_index": status.commit_index,
                 "applied_index": status.applied_index,
                 "last_index": status.last_index,
+                "quarantined": status.is_quarantined,
             }
         return {"node": self.node_id, "groups": groups}
 
     # ------------------------------------------------------------------ writes
-    async def propose(self, shard_id: int, command: bytes, ctx: RequestContext) -> object:
-        """Run a command on the shard's leader; returns its outcome or raises its failure."""
+    async def propose(
+        self, shard_id: int, command: bytes, ctx: RequestContext, *, raise_failure: bool = True
+    ) -> object:
+        """Run a command on the shard's leader; returns its outcome or raises its failure
+        (returns it, when not raise_failure)."""
+        if shard_id == META_GROUP_ID:
+            return await self.propose_meta(command, ctx)
         outcome = await self._on_leader(
             self.shard_map.shard(shard_id),
             ctx,
@@ -322,9 +651,57 @@ class Router:
             ),
             may_retry_remote=False,
         )
-        if isinstance(outcome, Failed):
+        if raise_failure and isinstance(outcome, Failed):
             raise outcome.to_error()
         return outcome
+
+    async def propose_meta(
+        self, command: bytes, ctx: RequestContext, *, raise_failure: bool = True
+    ) -> object:
+        """Run a command on the metadata group's leader; returns its apply result: a user
+        command's str, or a map change's KeyVersion (the new epoch), or raises its Failed
+        (returns it, when not raise_failure)."""
+        outcome = await self._on_leader(
+            self.shard_map.group(META_GROUP_ID),
+            ctx,
+            lambda: self._propose_here(META_GROUP_ID, command),
+            lambda url, hops, timeout_s: self._forward_meta(url, command, hops, timeout_s),
+            may_retry_remote=False,
+        )
+        if raise_failure and isinstance(outcome, Failed):
+            raise outcome.to_error()
+        return outcome
+
+    async def _forward_meta(self, url: str, command: bytes, hops: int, timeout_s: float) -> object:
+        payload = await self._forward_command(url, META_GROUP_ID, command, hops, timeout_s)
+        result = msgpack.unpackb(payload)
+        # A user command answers a scalar; a map change an encoded outcome (a list).
+        return decode_outcome(payload) if isinstance(result, list) else result
+
+    async def _forward_command(
+        self, url: str, group_id: int, command: bytes, hops: int, timeout_s: float
+    ) -> bytes:
+        """POSTs a command for a group (a shard, or the metadata group) to the node at url."""
+        return await self._peers.call(
+            url,
+            "propose",
+            command,
+            hops=hops,
+            epoch=self.shard_map.epoch,
+            timeout_s=timeout_s,
+            params={"shard": str(group_id)},
+        )
+
+    # ------------------------------------------------------------------ users (auth.UserAdmin)
+    async def put_user(self, user: User) -> None:
+        await self.propose_meta(encode_put_user(user), RequestContext())
+
+    async def delete_user(self, name: str) -> None:
+        result = await self.propose_meta(encode_delete_user(name), RequestContext())
+        if result == "absent":
+            raise NotFound(f"there is no user {name!r}")
+        if result == LAST_ADMIN_REFUSED:
+            raise InvalidRequest(f"user {name!r} is the last admin; add another admin first")
 
     async def _propose_here(self, shard_id: int, command: bytes) -> object:
         try:
@@ -335,18 +712,7 @@ class Router:
     async def _forward_propose(
         self, url: str, shard_id: int, command: bytes, hops: int, timeout_s: float
     ) -> object:
-        from kvstore.commands import decode_outcome
-
-        payload = await self._peers.call(
-            url,
-            "propose",
-            command,
-            hops=hops,
-            epoch=self.shard_map.epoch,
-            timeout_s=timeout_s,
-            params={"shard": str(shard_id)},
-        )
-        return decode_outcome(payload)
+        return decode_outcome(await self._forward_command(url, shard_id, command, hops, timeout_s))
 
     # ------------------------------------------------------------------ reads
     async def _read(
@@ -359,7 +725,7 @@ class Router:
         decode: Callable[[bytes], T],
     ) -> T:
         local_ok = consistency is Consistency.STALE or self._unsafe_stale_reads
-        if local_ok and shard.id in self._shards:
+        if local_ok and self._serves_here(shard.id):
             return decode(self.read_here(shard.id, op, query))
         return await self._on_leader(
             shard,
@@ -378,22 +744,20 @@ class Router:
         await self._host.read_barrier(shard_id)  # §6.4 ReadIndex
         return decode(self.read_here(shard_id, op, query))
 
+    def _serves_here(self, shard_id: int) -> bool:
+        return shard_id in self._shards and not self.quarantine.is_quarantined(shard_id)
+
     def read_here(self, shard_id: int, op: str, query: bytes) -> bytes:
-        """Serve a read from this replica's applied state (the caller ensured consistency)."""
+        """Serve a read from this replica's applied state (the caller ensured consistency).
+        A checksum failure quarantines the replica and answers ReplicaCorrupted."""
         machine = self._shards.get(shard_id)
         if machine is None:
             raise NotLeaderHere(f"no replica of shard {shard_id} on node {self.node_id}")
-        if op == "get":
-            try:
-                key = query.decode()
-            except UnicodeDecodeError as error:
-                raise InvalidRequest("a key must be UTF-8") from error
-            found = machine.get(key)
-            return encode_key_values([found] if found else [])
-        if op == "scan":
-            prefix, start, end, after, limit = _decode_scan_query(query)
-            return encode_key_values(machine.scan(prefix, start, end, after, limit))
-        raise InvalidRequest(f"unknown read operation {op!r}")
+        self.quarantine.refuse_if_quarantined(shard_id)
+        try:
+            return _read_from(machine, op, query)
+        except CorruptValueError as error:
+            raise self.quarantine.report(shard_id, error.key, str(error)) from error
 
     async def _forward_read(
         self,
@@ -423,7 +787,7 @@ class Router:
         """A read forwarded by a peer: serve it here or pass it on towards the leader."""
         shard = self.shard_map.shard(shard_id)
         local_ok = consistency is Consistency.STALE or self._unsafe_stale_reads
-        if local_ok and shard_id in self._shards:
+        if local_ok and self._serves_here(shard_id):
             return self.read_here(shard_id, op, query)
         return await self._on_leader(
             shard,
@@ -437,14 +801,20 @@ class Router:
         )
 
     async def serve_internal_propose(self, shard_id: int, command: bytes, hops: int) -> object:
-        try:  # refuse garbage before it takes a slot in the Raft log
-            if shard_id == META_GROUP_ID:
-                decode_meta_command(command)
-            else:
-                decode_command(command)
+        if shard_id == META_GROUP_ID:
+            try:
+                check_meta_command(command)
+            except ValueError as error:
+                raise InvalidRequest(str(error)) from error
+            ctx = RequestContext(hops=hops)
+            return await self.propose_meta(command, ctx, raise_failure=False)
+        try:
+            decode_command(command)  # refuse garbage before it takes a slot in the Raft log
         except ValueError as error:
             raise InvalidRequest(f"malformed command: {error}") from error
-        return await self.propose(shard_id, command, RequestContext(hops=hops))
+        # The outcome, failures included, goes back to the forwarding node to judge.
+        ctx = RequestContext(hops=hops)
+        return await self.propose(shard_id, command, ctx, raise_failure=False)
 
     # ------------------------------------------------------------------ leader finding
     async def _on_leader(
@@ -456,9 +826,11 @@ class Router:
         *,
         may_retry_remote: bool,
         any_replica: bool = False,
+        work_timeout_s: float | None = None,
     ) -> T:
         """Run `here` if this node leads the shard, else `remote` on the node that does;
-        follow leader changes until the request deadline, then answer 503."""
+        follow leader changes until the request deadline, then answer 503. Finding the leader
+        takes at most the request timeout; the work itself, `work_timeout_s` if given."""
         deadline = time.monotonic() + self._timeout_s
         hint = NO_NODE
         last_problem = "no leader known"
@@ -467,14 +839,16 @@ class Router:
             if remaining <= 0:
                 break
             host = self._host
-            local = host.has_group(shard.id)
+            # A quarantined replica is no replica here: ask the others.
+            local = host.has_group(shard.id) and not self.quarantine.is_quarantined(shard.id)
             if local and (host.is_leader(shard.id) or (any_replica and shard.id in self._shards)):
                 try:
-                    return await asyncio.wait_for(here(), timeout=remaining)
+                    return await asyncio.wait_for(here(), timeout=work_timeout_s or remaining)
                 except (NotLeader, ProposalDropped) as error:
                     last_problem = f"leadership moved ({type(error).__name__})"
                 except TimeoutError as error:
                     if may_retry_remote:  # a read: nothing happened, report unavailable
+                        last_problem = "it did not answer in time"
                         break
                     raise OutcomeUnknown(
                         f"shard {shard.id} did not commit within {self._timeout_s:.0f}s; "
@@ -485,7 +859,7 @@ class Router:
                 if target != NO_NODE and ctx.hops < MAX_HOPS:
                     url = self._url_of(target)
                     try:
-                        return await remote(url, ctx.hops + 1, remaining)
+                        return await remote(url, ctx.hops + 1, work_timeout_s or remaining)
                     except NotLeaderHere as error:
                         hint = error.leader_hint if error.leader_hint != target else NO_NODE
                         last_problem = f"node {target} does not lead shard {shard.id}"
@@ -494,7 +868,7 @@ class Router:
                         last_problem = f"node {target} is unreachable"
                     except StaleShardMap:
                         await self.refresh_map()  # then retry with the fresh replicas
-                        shard = self.shard_map.shard(shard.id)
+                        shard = self.shard_map.group(shard.id)
                         last_problem = "our shard map was stale"
                     except ShardUnavailable as error:
                         last_problem = error.message
@@ -505,7 +879,7 @@ class Router:
                 elif ctx.hops >= MAX_HOPS:
                     raise NotLeaderHere(
                         f"node {self.node_id} does not lead shard {shard.id}",
-                        node_of(host.leader_id(shard.id)) if local else NO_NODE,
+                        self._leader_node(shard.id) if local else NO_NODE,
                     )
             pause = _RETRY_PAUSE_S[min(attempt, len(_RETRY_PAUSE_S) - 1)]
             await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0)))
@@ -515,9 +889,15 @@ class Router:
             retry_after_s=1,
         )
 
+    def _leader_node(self, shard_id: int) -> NodeId:
+        """The node whose replica leads the shard, as far as this node's replica knows."""
+        if not self._host.has_group(shard_id):
+            return NO_NODE
+        return node_of(self._host.leader_id(shard_id))
+
     def _pick_target(self, shard: ShardSpec, hint: NodeId, local: bool, attempt: int) -> NodeId:
         if local:
-            leader = node_of(self._host.leader_id(shard.id))
+            leader = self._leader_node(shard.id)
             if leader not in (NO_NODE, self.node_id):
                 return leader
             return NO_NODE  # no leader known yet: wait for the election
@@ -525,6 +905,48 @@ class Router:
             return hint
         others = [node_of(r) for r in shard.replicas if node_of(r) != self.node_id]
         return others[attempt % len(others)] if others else NO_NODE
+
+
+@dataclass(slots=True)
+class _ShardAnswer:
+    node: NodeId  # the node that scanned the shard
+    partials: list[Partial]
+    applied_index: int
+    last_row_key: str | None  # set when rows stopped at the byte budget: the page ends there
+
+    @classmethod
+    async def collect(cls, node: NodeId, events: AsyncGenerator[ShardEvent, None]) -> _ShardAnswer:
+        partials: list[Partial] = []
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if not isinstance(event, ShardDone):
+                    partials.append(event)
+                    continue
+                last_key = None
+                if event.truncated:
+                    rows = [p.rows for p in partials if isinstance(p, RowsPartial) and p.rows]
+                    last_key = rows[-1][-1][0] if rows else None
+                return cls(node, partials, event.applied_index, last_key)
+        raise ShardUnavailable(f"node {node}'s answer ended before it was complete")
+
+
+def _read_from(machine: KVStateMachine, op: str, query: bytes) -> bytes:
+    if op == "get":
+        try:
+            key = query.decode()
+        except UnicodeDecodeError as error:
+            raise InvalidRequest("a key must be UTF-8") from error
+        found = machine.get(key)
+        return encode_key_values([found] if found else [])
+    if op == "scan":
+        prefix, start, end, after, limit = _decode_scan_query(query)
+        return encode_key_values(machine.scan(prefix, start, end, after, limit))
+    if op == "applied":  # a read point for a follower read
+        packed: bytes = msgpack.packb(machine.applied_index())
+        return packed
+    if op == "snapshot":  # a backup: data and applied index from one read transaction
+        return machine.snapshot()
+    raise InvalidRequest(f"unknown read operation {op!r}")
 
 
 def _decode_scan_query(query: bytes) -> tuple[str, str | None, str | None, str | None, int]:
@@ -541,6 +963,24 @@ def _decode_scan_query(query: bytes) -> tuple[str, str | None, str | None, str |
     ):
         raise InvalidRequest("malformed scan query: wrong field types")
     return prefix, start, end, after, limit
+
+
+def _expect(kind: type[T], outcome: object, ctx: RequestContext, failures: set[str]) -> T:
+    """The outcome, when of the kind the request produces; raises the failures it can have.
+    Anything else can only be the outcome recorded for the request's Idempotency-Key by a
+    different kind of request (the state machine answers a repeated key with its record)."""
+    if isinstance(outcome, Failed) and outcome.code in {*failures, FAILED_INVALID}:
+        raise outcome.to_error()
+    if not isinstance(outcome, kind):
+        raise InvalidRequest(
+            f"Idempotency-Key {ctx.idempotency_key!r} was first used by a different kind of "
+            "request, whose outcome it holds; use a new key for a new request"
+        )
+    return outcome
+
+
+def _same(payload: bytes) -> bytes:
+    return payload
 
 
 def _one_or_none(payload: bytes) -> KeyValue | None:

@@ -4,8 +4,14 @@ the values crossing it. http_api depends on this, never on the Raft or routing c
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from kvstore.query.spec import QuerySpec
+
+from kvstore.errors import KVError
 
 
 class Consistency(enum.Enum):
@@ -20,6 +26,14 @@ class Limits:
     max_scan_limit: int = 10_000
     default_scan_limit: int = 1000
     max_txn_ops: int = 128
+    # A restored shard travels as one Raft entry: keep it well under the transport's frame cap.
+    max_shard_backup_bytes: int = 32 << 20
+    # Protect the node from one greedy or stuck client (requests beyond: 429) and from a flood
+    # of idle sockets (connections beyond are closed at accept).
+    max_requests_in_flight_per_client: int = 256
+    max_client_connections: int = 1024
+    max_batch_puts: int = 10_000  # POST /v1/batch: puts per request
+    max_batch_bytes: int = 16 << 20  # POST /v1/batch: the JSON body
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -104,6 +118,11 @@ class TxnResult:
     results: tuple[TxnOpResult, ...] = ()
 
 
+# A request crosses at most this many node-to-node forwards (any node -> replica -> leader, plus
+# one leader change on the way); a client may claim at most MAX_HOPS - 1 already happened.
+MAX_HOPS = 3
+
+
 @dataclass(frozen=True, slots=True)
 class RequestContext:
     """Per-request facts the router needs: forwarding hops (to stop loops) and dedup key."""
@@ -146,6 +165,21 @@ class KVService(Protocol):
 
     async def txn(self, request: TxnRequest, ctx: RequestContext) -> TxnResult:
         """Raises CrossShardTxn when the keys span shards."""
+        ...
+
+    def parse_query(self, doc: Any) -> QuerySpec:
+        """A query's decoded JSON body, validated against this node's limits and plugins;
+        raises InvalidRequest."""
+        ...
+
+    async def query(self, spec: QuerySpec, ctx: RequestContext) -> dict[str, Any]:
+        """Run a query (docs/query.md); the answer as JSON."""
+
+    async def batch_put(
+        self, items: Sequence[tuple[str, bytes]], ctx: RequestContext
+    ) -> list[int | KVError]:
+        """Unconditional puts, one Raft entry per shard; one result per item, in order: the
+        key's new version, or the error that kept its shard's entry from committing."""
         ...
 
     async def cluster_status(self) -> dict[str, Any]: ...

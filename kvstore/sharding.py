@@ -86,14 +86,18 @@ class ShardMap:
         return self.shards[bisect.bisect_right(self._starts, key_token(key)) - 1]
 
     def shard(self, shard_id: int) -> ShardSpec:
-        """A shard, or for META_GROUP_ID the meta group's replicas as a ring-wide spec (so
-        the router can find and forward to its leader like any shard's)."""
-        if shard_id == META_GROUP_ID:
-            return ShardSpec(META_GROUP_ID, 0, TOKEN_SPACE, self.meta_voters)
+        """A data shard; KeyError for any other id (the meta group's too: see group())."""
         for shard in self.shards:  # NB: linear; fine below a few hundred shards
             if shard.id == shard_id:
                 return shard
         raise KeyError(f"no shard {shard_id} in the shard map (epoch {self.epoch})")
+
+    def group(self, group_id: int) -> ShardSpec:
+        """A shard, or for META_GROUP_ID the meta group's replicas as a ring-wide spec (so
+        the router finds and forwards to its leader, and moves its replicas, like a shard's)."""
+        if group_id == META_GROUP_ID:
+            return ShardSpec(META_GROUP_ID, 0, TOKEN_SPACE, self.meta_voters)
+        return self.shard(group_id)
 
     def node(self, node_id: NodeId) -> NodeInfo:
         for node in self.nodes:
@@ -118,7 +122,7 @@ class ShardMap:
         """group id -> the replica id this node should host: a member, or a move's joiner."""
         hosted: dict[int, NodeId] = {}
         for group_id in self.group_ids():
-            for replica in self.shard(group_id).replicas:
+            for replica in self.group(group_id).replicas:
                 if node_of(replica) == node_id:
                     hosted[group_id] = replica
         for move in self.moves:

@@ -4,35 +4,44 @@ Many shards share one environment: every key in the kv.* databases starts with t
 (8 bytes, big-endian), so a shard is one contiguous key range per database. Durable state is
 written only through the transaction the runtime passes in (it may retry it): nothing lives in
 memory. Every stored record carries a checksum verified on read; a mismatch raises
-CorruptValueError(shard_id, key) rather than answering wrongly.
+CorruptValueError(shard_id, key) rather than answering wrongly. With a ValueCipher, values
+(and recorded outcomes) are sealed with AES-GCM before the checksum, which covers the sealed
+bytes; reads, scans, snapshots and data_hash see plaintext, so replicas with different keys
+(or none) still compare equal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
 import lmdb
-import msgpack
 import xxhash
 
 from kvstore.commands import (
     FAILED_INVALID,
     FAILED_NOT_FOUND,
     FAILED_PRECONDITION,
-    Command,
+    BatchWritten,
     Delete,
     Failed,
+    HashCheck,
     Outcome,
     Put,
+    PutBatch,
+    ReplicaHash,
+    Restored,
+    RestoreShard,
     Txn,
     decode_command,
     decode_outcome,
     encode_outcome,
 )
+from kvstore.encryption import ValueCipher
 from kvstore.service import (
     CompareOp,
     CompareTarget,
@@ -44,6 +53,7 @@ from kvstore.service import (
     TxnOpResult,
     TxnResult,
 )
+from kvstore.shard_snapshot import content_digest, encode_shard_snapshot, parse_shard_snapshot
 from raft.core.messages import Entry, EntryKind, Snapshot
 from raft.core.types import LogIndex
 
@@ -51,6 +61,8 @@ _DATA_DB = b"kv.data"  # shard + stored key -> record(version) [+ full key] + va
 _META_DB = b"kv.meta"  # shard -> (applied index, key count, checksum)
 _IDEM_DB = b"kv.idem"  # shard + stored idempotency key -> record(entry index) + outcome
 _IDEM_BY_INDEX_DB = b"kv.idem_by_index"  # shard + entry index -> idempotency key (eviction)
+_CHECK_DB = b"kv.check"  # shard + entry index of a HashCheck -> this replica's ReplicaHash
+_CHECKS_KEPT = 16  # per shard; older results are deleted when a new one is stored
 
 _SHARD = struct.Struct(">Q")
 _INDEX = struct.Struct(">Q")
@@ -61,9 +73,10 @@ _RECORD = struct.Struct(">QQ")
 _KEY_LENGTH = struct.Struct(">I")  # long keys only: the full key follows the record header
 _META = struct.Struct(">QQ")  # applied index, key count; then their xxh64 seeded with the shard
 _META_NAME = "(shard metadata)"  # what CorruptValueError names for a bad kv.meta record
-_SNAPSHOT_DIGEST = struct.Struct(">Q")
-_SNAPSHOT_FORMAT = 1
+_HASHED_RECORD = struct.Struct(">IQI")  # key length, version, value length; then key, value
 _MAX_U64 = (1 << 64) - 1
+# Set in a record's version field when its value is sealed (versions are Raft indexes < 2^63).
+_ENCRYPTED_FLAG = 1 << 63
 
 # LMDB keys stop at 511 bytes. Longer keys are stored as their first 480 bytes, a 0xff marker
 # (never part of UTF-8) and an xxh128 of the whole key: byte order stays right except among long
@@ -94,7 +107,12 @@ def _stored_key(prefix: bytes, key: bytes) -> bytes:
     return prefix + key[:_INLINE_KEY_BYTES] + _LONG_KEY_MARK + xxhash.xxh128_digest(key)
 
 
-def _seal(key: bytes, version: int, value: bytes) -> bytes:
+def _seal(
+    key: bytes, version: int, value: bytes, cipher: ValueCipher | None, prefix: bytes
+) -> bytes:
+    if cipher is not None:
+        value = cipher.seal(value, _associated_data(prefix, version, key))
+        version |= _ENCRYPTED_FLAG
     header = _RECORD.pack(version, xxhash.xxh64_intdigest(key + value, version))
     if len(key) <= _INLINE_KEY_BYTES:
         return header + value
@@ -111,6 +129,7 @@ class KVDatabases:
     meta: Any
     idem: Any
     idem_by_index: Any
+    checks: Any
 
     @classmethod
     def open(cls, env: lmdb.Environment) -> KVDatabases:
@@ -119,7 +138,20 @@ class KVDatabases:
             env.open_db(_META_DB),
             env.open_db(_IDEM_DB),
             env.open_db(_IDEM_BY_INDEX_DB),
+            env.open_db(_CHECK_DB),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ReadView:
+    """One shard as of one LMDB read transaction: every row at exactly `applied_index`."""
+
+    applied_index: int
+    rows_from: Callable[[str], Iterator[tuple[str, bytes]]]  # (key, value) from a key on
+
+
+def _associated_data(prefix: bytes, version: int, key: bytes) -> bytes:
+    return prefix + _INDEX.pack(version) + key
 
 
 class KVStateMachine:
@@ -139,6 +171,7 @@ class KVStateMachine:
         *,
         idempotency_window_entries: int = 100_000,
         dbs: KVDatabases | None = None,  # required once the Raft host runs: see KVDatabases
+        cipher: ValueCipher | None = None,
     ) -> None:
         if not 0 <= shard_id <= _MAX_U64:
             raise ValueError(f"shard id out of range: {shard_id}")
@@ -148,11 +181,13 @@ class KVStateMachine:
         self.idempotency_window_entries = idempotency_window_entries
         self._env = env
         self._prefix = _SHARD.pack(shard_id)
+        self._cipher = cipher  # None: new values are stored in the clear
         dbs = dbs or KVDatabases.open(env)
         self._data = dbs.data
         self._meta = dbs.meta
         self._idem = dbs.idem
         self._idem_by_index = dbs.idem_by_index
+        self._checks = dbs.checks
 
     # ------------------------------------------------------------------ StateMachine
 
@@ -192,8 +227,7 @@ class KVStateMachine:
                     if not stored.startswith(self._prefix):
                         break
                     idem.append(self._open(stored, raw))
-        payload: bytes = msgpack.packb((_SNAPSHOT_FORMAT, self.shard_id, applied, data, idem))
-        return _SNAPSHOT_DIGEST.pack(xxhash.xxh64_intdigest(payload)) + payload
+        return encode_shard_snapshot(self.shard_id, applied, data, idem)
 
     def restore(self, txn: lmdb.Transaction[bytes], snapshot: Snapshot) -> None:
         """Replace this shard's state (and only this shard's) by `snapshot`."""
@@ -202,10 +236,13 @@ class KVStateMachine:
             _delete_range(txn.cursor(db=db), self._prefix)
         prefix = self._prefix
         txn.cursor(db=self._data).putmulti(
-            [(_stored_key(prefix, key), _seal(key, version, value)) for key, version, value in data]
+            [
+                (_stored_key(prefix, key), self._seal(key, version, value))
+                for key, version, value in data
+            ]
         )
         for key, index, outcome in idem:
-            txn.put(_stored_key(prefix, key), _seal(key, index, outcome), db=self._idem)
+            txn.put(_stored_key(prefix, key), self._seal(key, index, outcome), db=self._idem)
             txn.put(prefix + _INDEX.pack(index), key, db=self._idem_by_index)
         self._write_meta(txn, snapshot.meta.index, len(data))
 
@@ -213,7 +250,7 @@ class KVStateMachine:
         """Delete this shard's whole state on this node (its replica left), so a later replica
         of the shard here starts empty, as a new replica id must."""
         with self._env.begin(write=True) as txn:
-            for db in (self._data, self._idem, self._idem_by_index):
+            for db in (self._data, self._idem, self._idem_by_index, self._checks):
                 _delete_range(txn.cursor(db=db), self._prefix)
             txn.delete(self._prefix, db=self._meta)
 
@@ -261,6 +298,42 @@ class KVStateMachine:
                     break
         return found
 
+    @contextlib.contextmanager
+    def read_view(self) -> Iterator[ReadView]:
+        """A consistent snapshot for long reads (queries): LMDB's MVCC keeps the rows of this
+        read transaction unchanged while writes go on, so a scan sees one applied index."""
+        with self._env.begin() as txn:
+            applied, _ = self._read_meta(txn)
+
+            def rows_from(low: str) -> Iterator[tuple[str, bytes]]:
+                # The scan loop of queries, so _records with _open inlined for short keys (a
+                # long key hands the rest of the scan to _records, which sorts their runs).
+                prefix, header, digest = self._prefix, _RECORD.size, xxhash.xxh64_intdigest
+                unpack = _RECORD.unpack_from
+                cursor = txn.cursor(db=self._data)
+                if not cursor.set_range(self._prefix + low.encode()[:_INLINE_KEY_BYTES]):
+                    return
+                for stored, raw in cursor.iternext():
+                    if not stored.startswith(prefix):
+                        return
+                    if len(stored) == _LONG_LMDB_KEY_BYTES:  # the first of its run: hand over
+                        for key, _version, value in self._records(
+                            txn.cursor(db=self._data), stored
+                        ):
+                            yield key.decode(), value
+                        return
+                    if len(raw) < header:
+                        self._open(stored, raw)  # raises CorruptValueError: truncated
+                    key, value = stored[_SHARD_BYTES:], raw[header:]
+                    version, checksum = unpack(raw)
+                    if digest(key + value, version) != checksum:
+                        self._open(stored, raw)  # raises CorruptValueError, saying why
+                    if version & _ENCRYPTED_FLAG:
+                        value = self._unseal(stored, key, version ^ _ENCRYPTED_FLAG, value)
+                    yield key.decode(), value
+
+            yield ReadView(applied, rows_from)
+
     def count(self) -> int:
         with self._env.begin() as txn:
             return self._read_meta(txn)[1]
@@ -268,15 +341,56 @@ class KVStateMachine:
     def data_hash(self) -> tuple[int, int]:
         """(applied index, xxh64 over every (key, version, value) in key order): replicas at the
         same applied index must agree."""
-        hasher = xxhash.xxh64()
-        header = struct.Struct(">IQI")
         with self._env.begin() as txn:
             applied, _ = self._read_meta(txn)
-            for key, version, value in self._records(txn.cursor(db=self._data), self._prefix):
-                hasher.update(header.pack(len(key), version, len(value)))
-                hasher.update(key)
-                hasher.update(value)
-        return applied, hasher.intdigest()
+            return applied, self._hash_data(txn)[1]
+
+    def check_result(self, index: int) -> ReplicaHash | None:
+        """What this replica found applying the HashCheck at `index` (None: not applied here,
+        or dropped as one of the older results)."""
+        with self._env.begin(db=self._checks) as txn:
+            raw = txn.get(self._prefix + _INDEX.pack(index))
+        if raw is None:
+            return None
+        try:
+            outcome = decode_outcome(raw)
+        except ValueError:
+            outcome = None
+        if not isinstance(outcome, ReplicaHash):
+            raise CorruptValueError(self.shard_id, "(check result)", "not a check result")
+        return outcome
+
+    def _hash_data(self, txn: lmdb.Transaction[bytes]) -> tuple[int, int]:
+        """(key count, xxh64 over every (key, version, value) in key order); CorruptValueError
+        if a record fails its checksum."""
+        hasher = xxhash.xxh64()
+        count = 0
+        for key, version, value in self._records(txn.cursor(db=self._data), self._prefix):
+            hasher.update(_HASHED_RECORD.pack(len(key), version, len(value)))
+            hasher.update(key)
+            hasher.update(value)
+            count += 1
+        return count, hasher.intdigest()
+
+    def _record_check(self, txn: lmdb.Transaction[bytes], index: int) -> ReplicaHash:
+        # NB: hashes the whole shard inside the apply transaction, pausing every group of this
+        # node for O(shard size); fine for the data sizes this store targets.
+        try:
+            key_count, digest = self._hash_data(txn)
+            result = ReplicaHash(index, key_count, digest)
+        except CorruptValueError as error:
+            result = ReplicaHash(index, 0, 0, error.key)
+        txn.put(self._prefix + _INDEX.pack(index), encode_outcome(result), db=self._checks)
+        stored: list[bytes] = []
+        cursor = txn.cursor(db=self._checks)
+        if cursor.set_range(self._prefix):
+            for stored_key in cursor.iternext(values=False):
+                if not stored_key.startswith(self._prefix):
+                    break
+                stored.append(stored_key)
+        for stored_key in stored[:-_CHECKS_KEPT]:  # oldest first (big-endian indexes)
+            txn.delete(stored_key, db=self._checks)
+        return result
 
     # ------------------------------------------------------------------ records
 
@@ -309,7 +423,25 @@ class KVStateMachine:
             raise CorruptValueError(self.shard_id, self._name(stored), "truncated") from None
         if xxhash.xxh64_intdigest(key + value, version) != checksum:
             raise CorruptValueError(self.shard_id, self._name(stored))
+        if version & _ENCRYPTED_FLAG:
+            version ^= _ENCRYPTED_FLAG
+            value = self._unseal(stored, key, version, value)
         return key, version, value
+
+    def _seal(self, key: bytes, version: int, value: bytes) -> bytes:
+        return _seal(key, version, value, self._cipher, self._prefix)
+
+    def _unseal(self, stored: bytes, key: bytes, version: int, sealed: bytes) -> bytes:
+        if self._cipher is None:
+            raise CorruptValueError(
+                self.shard_id,
+                self._name(stored),
+                "value is encrypted at rest but this node has no [encryption] key_file",
+            )
+        try:
+            return self._cipher.open(sealed, _associated_data(self._prefix, version, key))
+        except ValueError as error:
+            raise CorruptValueError(self.shard_id, self._name(stored), str(error)) from None
 
     def _name(self, stored: bytes) -> str:
         """The key a stored record is filed under, for error messages (a long key's head)."""
@@ -387,7 +519,7 @@ class KVStateMachine:
         self, txn: lmdb.Transaction[bytes], idempotency_key: str, index: int, outcome: Outcome
     ) -> None:
         key = idempotency_key.encode()
-        record = _seal(key, index, encode_outcome(outcome))
+        record = self._seal(key, index, encode_outcome(outcome))
         txn.put(_stored_key(self._prefix, key), record, db=self._idem)
         txn.put(self._prefix + _INDEX.pack(index), key, db=self._idem_by_index)
 
@@ -417,28 +549,10 @@ class KVStateMachine:
     def _parse_snapshot(
         self, snapshot: Snapshot
     ) -> tuple[list[tuple[bytes, int, bytes]], list[tuple[bytes, int, bytes]]]:
-        blob = snapshot.data
-        if len(blob) < _SNAPSHOT_DIGEST.size:
-            raise ValueError("snapshot too short")
-        payload = blob[_SNAPSHOT_DIGEST.size :]
-        if xxhash.xxh64_intdigest(payload) != _SNAPSHOT_DIGEST.unpack_from(blob)[0]:
-            raise ValueError(f"shard {self.shard_id}: snapshot failed its checksum")
-        try:
-            form, shard_id, applied, data, idem = msgpack.unpackb(payload, use_list=False)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"shard {self.shard_id}: malformed snapshot: {exc}") from exc
-        if form != _SNAPSHOT_FORMAT or shard_id != self.shard_id:
-            raise ValueError(f"snapshot of shard {shard_id} (format {form}), not {self.shard_id}")
+        applied, data, idem = parse_shard_snapshot(snapshot.data, self.shard_id)
         if applied != snapshot.meta.index:
             raise ValueError(f"snapshot data is at index {applied}, not {snapshot.meta.index}")
-        return [_triple(item) for item in data], [_triple(item) for item in idem]
-
-
-def _triple(item: Any) -> tuple[bytes, int, bytes]:
-    key, number, blob = item
-    if not (isinstance(key, bytes) and isinstance(number, int) and isinstance(blob, bytes)):
-        raise ValueError(f"malformed snapshot record {item!r:.100}")
-    return key, number, blob
+        return data, idem
 
 
 def _delete_range(cursor: lmdb.Cursor[bytes], prefix: bytes) -> None:
@@ -474,6 +588,10 @@ class _Batch:
             command = decode_command(entry.data)
         except ValueError as exc:  # deterministic: every replica refuses the same bytes
             return Failed(FAILED_INVALID, f"entry {index} holds no valid command: {exc}", 0)
+        if isinstance(command, HashCheck):
+            return machine._record_check(self.txn, index)
+        if isinstance(command, RestoreShard):
+            return self._restore(command, index)
         idempotency_key = command.idempotency_key
         if idempotency_key is not None:
             recorded = machine._find_outcome(self.txn, idempotency_key, index)
@@ -484,12 +602,39 @@ class _Batch:
             machine._record_outcome(self.txn, idempotency_key, index, outcome)
         return outcome
 
-    def _execute(self, command: Command, index: int) -> Outcome:
+    def _execute(self, command: Put | Delete | Txn | PutBatch, index: int) -> Outcome:
         if isinstance(command, Put):
             return self._put(command, index)
         if isinstance(command, Delete):
             return self._delete(command)
+        if isinstance(command, PutBatch):
+            for key, value in command.items:
+                self._write(key, value, index)
+            return BatchWritten(index)
         return self._txn(command, index)
+
+    def _restore(self, command: RestoreShard, index: int) -> Outcome:
+        machine = self.machine
+        try:
+            _, data, _ = parse_shard_snapshot(command.snapshot, machine.shard_id)
+        except ValueError as exc:
+            return Failed(FAILED_INVALID, f"not a backup of shard {machine.shard_id}: {exc}", 0)
+        if self.key_count and not command.replace:
+            message = f"shard {machine.shard_id} holds {self.key_count} keys; restore refused"
+            return Failed(
+                FAILED_PRECONDITION,
+                message + " (restore with replace=true, kvctl --replace, to overwrite)",
+                0,
+            )
+        prefix = machine._prefix
+        for db in (machine._data, machine._idem, machine._idem_by_index):
+            _delete_range(self.txn.cursor(db=db), prefix)
+        # Versions are this log's indexes: restored keys take this entry's, so none repeats.
+        self.txn.cursor(db=machine._data).putmulti(
+            [(_stored_key(prefix, key), machine._seal(key, index, value)) for key, _, value in data]
+        )
+        self.key_count = len(data)
+        return Restored(index, len(data), content_digest(data))
 
     def _put(self, command: Put, index: int) -> Outcome:
         if command.if_version is not None:
@@ -544,7 +689,12 @@ class _Batch:
     def _write(self, key: str, value: bytes, index: int) -> None:
         key_bytes = key.encode()
         stored = _stored_key(self.machine._prefix, key_bytes)
-        if self.txn.replace(stored, _seal(key_bytes, index, value), db=self.machine._data) is None:
+        if (
+            self.txn.replace(
+                stored, self.machine._seal(key_bytes, index, value), db=self.machine._data
+            )
+            is None
+        ):
             self.key_count += 1
 
     def _remove(self, key: str) -> None:

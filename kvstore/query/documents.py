@@ -14,6 +14,8 @@ import re
 from collections.abc import Callable
 from typing import Any, Final
 
+import orjson
+
 KEY_FIELD: Final = "$key"  # the pseudo-field naming a row's key
 
 
@@ -44,9 +46,22 @@ _SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89a-fA-F]")
 _encode_str: Final[Callable[[str], str]] = json.encoder.encode_basestring_ascii
 
 
+# orjson reads an integer past 64 bits as a float, where json keeps it exact: a value holding a
+# run of 19+ digits takes the json path, so sums of big integers stay exact.
+_LONG_DIGIT_RUN: Final = re.compile(rb"[0-9]{19}")
+
+
 def decode_document(raw: bytes) -> Any:
     """The JSON document a stored value holds, or NOT_JSON. Strict: UTF-8 only, no NaN or
-    Infinity, no number overflowing a double, no lone surrogate escape (not valid Unicode)."""
+    Infinity, no number overflowing a double, no lone surrogate escape (not valid Unicode).
+
+    orjson decodes first (scans decode every row, and it is about twice as fast); whatever it
+    refuses goes through the json path, whose answer is the definition."""
+    if _LONG_DIGIT_RUN.search(raw) is None:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
     try:
         text = raw.decode("utf-8")
         document = _DECODER.decode(text)

@@ -308,9 +308,33 @@ def _pre_aggregate(
     counters = _Counters()
     grouped = GroupedAggregates(compiled.new_states, plan.max_groups)
     groups, group_getters, feeds = grouped.groups, compiled.group_getters, compiled.feeds
+    if not group_getters:  # one group: no per-row group key, and rows counted in bulk
+        states = grouped.states_for(())
+        fed = [(state, feed) for state, feed in zip(states, feeds, strict=True) if feed]
+        matched = 0
+        for key, _raw, document in _matching(plan.spec, compiled, rows, counters):
+            matched += 1
+            for state, feed in fed:
+                value = feed(key, document)
+                if value is not None and value is not MISSING:
+                    state.add(value)
+        for state, maybe_feed in zip(states, feeds, strict=True):
+            if maybe_feed is None:
+                assert isinstance(state, Count), state
+                state.add_rows(matched)
+        return AggregatesPartial(plan.shard, grouped, counters.take())
+    # Group values repeat: a string's group key is built once (only strings: in a dict,
+    # True == 1 == 1.0, and those must stay apart).
+    string_keys: dict[str, GroupKey] = {}
     for key, _raw, document in _matching(plan.spec, compiled, rows, counters):
         if len(group_getters) == 1:
-            group_key: GroupKey = (_group_text(group_getters[0](key, document)),)
+            value = group_getters[0](key, document)
+            if type(value) is str:
+                group_key = string_keys.get(value) or string_keys.setdefault(
+                    value, (_group_text(value),)
+                )
+            else:
+                group_key = (_group_text(value),)
         else:
             group_key = tuple(_group_text(get(key, document)) for get in group_getters)
         states = groups.get(group_key) or grouped.states_for(group_key)
@@ -435,9 +459,13 @@ def merge_partials(
     limits: QueryLimits = DEFAULT_LIMITS,
     missing_shards: Iterable[int] = (),
     plugins: PluginRegistry | None = None,
+    cut_after: str | None = None,
 ) -> QueryResult:
     """The coordinator side: every partial (all chunks of every shard that answered) in, the
-    answer out. Shards that did not answer fail the query unless spec.allow_partial."""
+    answer out. Shards that did not answer fail the query unless spec.allow_partial.
+
+    cut_after: some shard stopped sending rows early (its byte budget ran out) after this key,
+    so rows past it cannot be ordered yet: the page ends there and next_cursor continues."""
     missing = tuple(sorted(set(missing_shards)))
     if missing and not spec.allow_partial:
         raise ShardUnavailable(
@@ -452,8 +480,10 @@ def merge_partials(
                 raise AssertionError("an aggregates partial does not answer a select query")
             runs.append(partial.rows)
         merged = list(itertools.islice(heapq.merge(*runs, key=itemgetter(0)), spec.limit + 1))
-        page = merged[: spec.limit]
-        next_cursor = encode_cursor(page[-1][0]) if len(merged) > spec.limit else None
+        orderable = merged if cut_after is None else [r for r in merged if r[0] <= cut_after]
+        page = orderable[: spec.limit]
+        more = len(merged) > spec.limit or cut_after is not None
+        next_cursor = encode_cursor(page[-1][0]) if more and page else None
         rows = tuple(_row_json(key, value) for key, value in page)
         return QueryResult(rows, next_cursor, (), stats, missing)
 

@@ -69,6 +69,9 @@ class Count:
     def add(self, value: Any) -> None:
         self.count += 1
 
+    def add_rows(self, rows: int) -> None:
+        self.count += rows
+
     def merge(self, other: Count) -> None:
         self.count += other.count
 

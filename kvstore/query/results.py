@@ -57,8 +57,19 @@ Partial = RowsPartial | AggregatesPartial
 
 
 @dataclass(frozen=True, slots=True)
+class ReadPoint:
+    """Where a shard's answer was read: the node that scanned it and the applied index its
+    snapshot held (every row of that shard's answer is as of exactly this index)."""
+
+    shard: int
+    node: int
+    applied_index: int
+
+
+@dataclass(frozen=True, slots=True)
 class QueryStats:
     per_shard: tuple[tuple[int, ShardStats], ...] = ()  # ascending shard id
+    read_points: tuple[ReadPoint, ...] = ()  # set by the coordinator, which knows them
 
     @classmethod
     def of(cls, partials: Iterable[Partial]) -> QueryStats:
@@ -74,20 +85,33 @@ class QueryStats:
         counts = ("rows_scanned", "rows_matched", "rows_not_json", "bytes_scanned", "bytes_moved")
         doc: dict[str, Any] = {"shards": len(self.per_shard)}
         doc.update((name, getattr(total, name)) for name in counts)
+        points = {point.shard: point for point in self.read_points}
         doc["per_shard"] = [
             {"shard": shard}
             | {name: getattr(stats, name) for name in counts}
             | {"elapsed_ms": round(stats.elapsed_s * 1000, 3)}
+            | (
+                {"node": points[shard].node, "applied_index": points[shard].applied_index}
+                if shard in points
+                else {}
+            )
             for shard, stats in self.per_shard
         ]
         return doc
 
     def to_wire(self) -> tuple[Any, ...]:
-        return tuple((shard, stats.to_wire()) for shard, stats in self.per_shard)
+        return (
+            tuple((shard, stats.to_wire()) for shard, stats in self.per_shard),
+            tuple((p.shard, p.node, p.applied_index) for p in self.read_points),
+        )
 
     @classmethod
     def from_wire(cls, wire: Sequence[Any]) -> QueryStats:
-        return cls(tuple((shard, ShardStats.from_wire(stats)) for shard, stats in wire))
+        per_shard, read_points = wire
+        return cls(
+            tuple((shard, ShardStats.from_wire(stats)) for shard, stats in per_shard),
+            tuple(ReadPoint(*point) for point in read_points),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +161,7 @@ __all__ = [
     "Partial",
     "QueryResult",
     "QueryStats",
+    "ReadPoint",
     "Row",
     "RowsPartial",
     "ShardStats",

@@ -132,6 +132,21 @@ class QuerySpec:
         return self.select is not None
 
     @property
+    def key_prefix(self) -> str:
+        """The longest prefix every key the query can see shares: what a caller must be allowed
+        to read. A start/end range shares the common prefix of its bounds ("" if unbounded)."""
+        if self.prefix is not None:
+            return self.prefix
+        if self.start is None or self.end is None:
+            return ""
+        shared = 0
+        for a, b in zip(self.start, self.end, strict=False):
+            if a != b:
+                break
+            shared += 1
+        return self.start[:shared]
+
+    @property
     def after_key(self) -> str | None:
         """The last key of the previous page: this page starts after it."""
         return None if self.cursor is None else decode_cursor(self.cursor)

@@ -87,6 +87,9 @@ class RaftNode:
         self._pending_conf_index = LogIndex(0)
         self._lead_transferee = NO_NODE
         self._uncommitted_bytes = 0
+        # False: never starts an election nor takes over on TimeoutNow, yet still votes and
+        # replicates (the runtime sets it for a replica whose applied state is known corrupt).
+        self.may_campaign = True
         self._needs_broadcast = False
 
         # ReadIndex (§6.4): reads wait for a heartbeat round confirming leadership.
@@ -139,7 +142,9 @@ class RaftNode:
         return HardState(self.term, self.voted_for, self.log.commit_index)
 
     def _is_promotable(self) -> bool:
-        return self.id in self.conf.voters and self.log.pending_snapshot is None
+        return (
+            self.may_campaign and self.id in self.conf.voters and self.log.pending_snapshot is None
+        )
 
     # ------------------------------------------------------------------ inputs
     def tick(self) -> None:

@@ -24,7 +24,7 @@ from raft.core.errors import NotLeader, ProposalDropped, RaftError
 from raft.core.messages import ConfChange, ConfState, Entry, Message, Ready, Snapshot
 from raft.core.node import RaftNode
 from raft.core.progress import ProgressState
-from raft.core.types import LogIndex, NodeId, Term, node_of
+from raft.core.types import NO_NODE, LogIndex, NodeId, Term, node_of
 from raft.storage.lmdb_log import GroupId, GroupWrite, LmdbLogStore
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class GroupStatus:
     last_index: LogIndex
     voters: tuple[NodeId, ...]
     learners: tuple[NodeId, ...]
+    is_quarantined: bool = False
 
 
 FSYNC_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -126,6 +127,11 @@ class _Group:
     reads_to_apply: list[tuple[LogIndex, asyncio.Future[None]]] = field(default_factory=list)
     snapshot_index: LogIndex = LogIndex(0)
     snapshot_wanted: bool = False  # compact at the next chance, whatever the log's length
+    # The application found this replica's state corrupt: it keeps voting and replicating
+    # (its log is sound) but never leads again; a leader hands leadership to a peer.
+    is_quarantined: bool = False
+    quarantine_ticks: int = 0
+    transfer_wanted_to: NodeId = NO_NODE  # see RaftHost.request_leader_transfer
 
 
 @dataclass(slots=True)
@@ -154,7 +160,6 @@ class RaftHost:
         self._ticker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raft-fsync")
         self._read_ids = itertools.count(1)
-        self._transfers: list[tuple[int, NodeId]] = []  # leadership hand-offs asked for
         self._stopping = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -257,6 +262,7 @@ class RaftHost:
             last_index=node.log.last_index(),
             voters=tuple(sorted(conf.voters)),
             learners=tuple(sorted(conf.learners)),
+            is_quarantined=self._group(group_id).is_quarantined,
         )
 
     def replica_id(self, group_id: int) -> NodeId:
@@ -267,14 +273,7 @@ class RaftHost:
         """Leader only: `member` answered recently, has no snapshot in flight and holds
         every committed entry: safe to promote, or to hand leadership to. (Not "REPLICATE":
         a follower that never needed an append since a probe stays in PROBE, caught up.)"""
-        node = self._group(group_id).node
-        progress = node.progress(member)
-        return (
-            progress is not None
-            and progress.recent_active
-            and progress.state is not ProgressState.SNAPSHOT
-            and progress.match_index >= node.commit_index
-        )
+        return _is_caught_up(self._group(group_id).node, member)
 
     def leader_id(self, group_id: int) -> NodeId:
         return self._group(group_id).node.leader_id
@@ -325,13 +324,34 @@ class RaftHost:
             group.snapshot_wanted = True  # taken after the group's next Ready (a heartbeat)
             await asyncio.sleep(0.02)
 
-    def transfer_leader(self, group_id: int, target: NodeId) -> None:
-        """Ask the group's leader to hand leadership to `target`; best effort (a transfer the
-        core refuses, or that does not finish within an election timeout, is dropped). It is
-        queued like a proposal: the core takes no input while a Ready is being persisted."""
-        self._group(group_id)  # raises KeyError for a group not here
-        self._transfers.append((group_id, target))
+    def quarantine(self, group_id: int) -> None:
+        """This replica must stop leading group_id for good (until the process restarts): it
+        never campaigns again, and if it leads it hands leadership to another voter."""
+        group = self._group(group_id)
+        group.is_quarantined = True
+        group.node.may_campaign = False
         self._wake.set()
+
+    def is_quarantined(self, group_id: int) -> bool:
+        return self._group(group_id).is_quarantined
+
+    def request_leader_transfer(self, group_id: int, target: NodeId) -> None:
+        """Hand leadership to `target` at the next iteration, but only if we lead and it is a
+        caught-up voter (`is_caught_up`): then the transfer ends within a round trip or so, and
+        a dead or lagging target never stalls proposals (which a transfer in progress refuses)
+        for an election timeout. Best effort: the caller asks again if nothing happened. Taken
+        by the loop, like a proposal: the core takes no input while a Ready is persisted."""
+        self._group(group_id).transfer_wanted_to = target
+        self._wake.set()
+
+    def _maybe_start_transfer(self, group: _Group) -> None:
+        target, group.transfer_wanted_to = group.transfer_wanted_to, NO_NODE
+        node = group.node
+        if not node.is_leader or node.lead_transferee != NO_NODE or target == node.leader_id:
+            return
+        if target not in node.conf.voters or not _is_caught_up(node, target):
+            return
+        node.transfer_leader(target)
 
     def _group(self, group_id: int) -> _Group:
         found = self._groups.get(GroupId(group_id))
@@ -395,6 +415,8 @@ class RaftHost:
             self._tick_due = False
             for group in self._groups.values():
                 group.node.tick()
+                if group.is_quarantined:
+                    self._hand_off_leadership(group)
         inbox, self._inbox = self._inbox, []
         for group_id, message in inbox:
             target = self._groups.get(GroupId(group_id))
@@ -406,18 +428,27 @@ class RaftHost:
                 log.error(
                     "group %s: dropped a bad message from %s: %s", group_id, message.sender, error
                 )
-        transfers, self._transfers = self._transfers, []
-        for transfer_group, transferee in transfers:
-            found = self._groups.get(GroupId(transfer_group))
-            if found is not None:
-                with contextlib.suppress(RaftError, ValueError):  # not leader, not a voter
-                    found.node.transfer_leader(transferee)
         for group in self._groups.values():
+            if group.transfer_wanted_to != NO_NODE:
+                self._maybe_start_transfer(group)
             if group.queued:
                 self._propose_queued(group)
             if group.reads_new:
                 self._start_reads(group)
             self._fail_reads_if_not_leader(group)
+
+    def _hand_off_leadership(self, group: _Group) -> None:
+        """A quarantined leader asks each other voter in turn to take over, one election
+        timeout each (the core abandons a transfer that long)."""
+        node = group.node
+        others = sorted(voter for voter in node.conf.voters if voter != node.id)
+        if not node.is_leader or not others:
+            return
+        turn = group.quarantine_ticks // self.config.election_timeout_ticks
+        group.quarantine_ticks += 1
+        target = others[turn % len(others)]
+        if node.lead_transferee != target:
+            node.transfer_leader(target)
 
     def _propose_queued(self, group: _Group) -> None:
         queued, group.queued = group.queued, []
@@ -473,6 +504,7 @@ class RaftHost:
             if step.ready.hard_state or step.ready.entries_to_persist or step.ready.snapshot
         ]
         applying = [step for step in steps if step.ready.entries_to_apply or step.ready.snapshot]
+        loop = asyncio.get_running_loop()
 
         def apply_in(txn: Any) -> None:
             for step in applying:
@@ -480,6 +512,14 @@ class RaftHost:
                     step.group.state_machine.restore(txn, step.ready.snapshot)
                 entries = step.ready.entries_to_apply
                 step.results = step.group.state_machine.apply(txn, entries) if entries else []
+                if entries:
+                    # Answer proposers now, while this transaction's fsync runs: the entries
+                    # are committed (durable on a quorum) and their results deterministic, so a
+                    # crash before our commit only replays them to the same results. No read
+                    # sees the state before the commit: read barriers resolve after it.
+                    loop.call_soon_threadsafe(
+                        self._resolve_proposals, step.group, entries, step.results
+                    )
 
         if not writes and not applying:
             return
@@ -506,17 +546,7 @@ class RaftHost:
                     future.set_exception(
                         OutcomeUnknown(f"entry {index} was covered by a snapshot from the leader")
                     )
-        for entry, result in zip(ready.entries_to_apply, step.results, strict=True):
-            pending = waiting.pop(entry.index, None)
-            if pending is None:
-                continue
-            term, future = pending
-            if future.done():
-                continue
-            if entry.term == term:
-                future.set_result(result)
-            else:
-                future.set_exception(ProposalDropped(f"entry {entry.index} went to another term"))
+        self._resolve_proposals(group, ready.entries_to_apply, step.results)
         self.metrics.entries_applied += len(ready.entries_to_apply)
         applied = ready.entries_to_apply[-1].index if ready.entries_to_apply else LogIndex(0)
         if ready.snapshot is not None:
@@ -536,6 +566,23 @@ class RaftHost:
                 else:
                     still_waiting.append((index, read_future))
             group.reads_to_apply = still_waiting
+
+    def _resolve_proposals(
+        self, group: _Group, entries: Sequence[Entry], results: Sequence[object]
+    ) -> None:
+        """Hand each applied entry's result to its proposer (once: a second call finds none)."""
+        waiting = group.waiting
+        for entry, result in zip(entries, results, strict=True):
+            pending = waiting.pop(entry.index, None)
+            if pending is None:
+                continue
+            term, future = pending
+            if future.done():
+                continue
+            if entry.term == term:
+                future.set_result(result)
+            else:
+                future.set_exception(ProposalDropped(f"entry {entry.index} went to another term"))
 
     def _maybe_snapshot(self, group: _Group) -> None:
         node = group.node
@@ -563,3 +610,13 @@ class RaftHost:
         group.reads.clear()
         group.reads_new.clear()
         group.reads_to_apply.clear()
+
+
+def _is_caught_up(node: RaftNode, member: NodeId) -> bool:
+    progress = node.progress(member)
+    return (
+        progress is not None
+        and progress.recent_active
+        and progress.state is not ProgressState.SNAPSHOT
+        and progress.match_index >= node.commit_index
+    )

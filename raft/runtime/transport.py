@@ -3,6 +3,8 @@
 Owns one outgoing connection per peer (opened lazily, reconnected with backoff) and the listener for
 incoming ones. Raft tolerates loss, so sending never blocks and never raises on network trouble:
 a peer's queue is capped and drops its oldest frames. Bad input closes one connection, nothing more.
+With TLS, a peer refused at the handshake (no certificate, or one the CA did not sign, or no TLS
+at all) is logged and counted, where asyncio alone would drop it silently.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 _FRAME_HEADER: Final = struct.Struct(">I")  # payload length, big-endian unsigned
 _READ_BUFFER_BYTES: Final = 1 << 20  # fewer pause/resume cycles while reading large frames
+_HANDSHAKE_TIMEOUT_S: Final = 10.0  # a peer that stalls its TLS handshake holds a socket no longer
 
 
 @dataclass(slots=True)
@@ -89,6 +92,7 @@ class TcpTransport:
         max_queued_frames: int = 1024,
         max_queued_bytes: int = 128 << 20,
         connect_timeout_s: float = 2.0,
+        max_inbound_connections: int = 256,
         backoff_min_s: float = 0.05,
         backoff_max_s: float = 2.0,
         rng: random.Random | None = None,
@@ -107,6 +111,8 @@ class TcpTransport:
         self._max_queued_frames = max_queued_frames
         self._max_queued_bytes = max_queued_bytes
         self._connect_timeout_s = connect_timeout_s
+        # Peers need one connection each; the cap stops a flood of idle sockets from outsiders.
+        self._max_inbound_connections = max_inbound_connections
         self._backoff_min_s = backoff_min_s
         self._backoff_max_s = backoff_max_s
         self._rng = rng if rng is not None else random.Random()
@@ -114,6 +120,11 @@ class TcpTransport:
         self._dirty: list[_Peer] = []  # peers with pending messages, each once
         self._stats: dict[NodeId, PeerStats] = {}
         self._unknown_recipients: set[NodeId] = set()  # logged once each
+        # Inbound connections refused before any frame was read: failed TLS handshakes (a
+        # peer without a certificate our CA signed, or plain TCP to a TLS port), over the cap.
+        self.refused_connections: dict[str, int] = {"tls_handshake": 0, "too_many": 0}
+        if ssl_server is not None:
+            count_handshake_failures(ssl_server, self._note_refused_handshake)
         self._server: asyncio.Server | None = None
         self._inbound: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._retired_tasks: set[asyncio.Task[None]] = set()  # writers of removed peers, ending
@@ -132,7 +143,12 @@ class TcpTransport:
             raise RuntimeError("a stopped TcpTransport cannot be restarted")
         host, port = self._listen
         self._server = await asyncio.start_server(
-            self._serve_connection, host, port, ssl=self._ssl_server, limit=_READ_BUFFER_BYTES
+            self._serve_connection,
+            host,
+            port,
+            ssl=self._ssl_server,
+            ssl_handshake_timeout=_HANDSHAKE_TIMEOUT_S if self._ssl_server else None,
+            limit=_READ_BUFFER_BYTES,
         )
         self._is_started = True
         for peer in self._peers.values():
@@ -416,9 +432,13 @@ class TcpTransport:
         if task is None or self._is_stopped:
             writer.close()
             return
+        remote = _format_address(writer.get_extra_info("peername"))
+        if len(self._inbound) >= self._max_inbound_connections:
+            self._refuse_too_many(remote)
+            writer.close()
+            return
         self._inbound[task] = writer
         _set_nodelay(writer)
-        remote = _format_address(writer.get_extra_info("peername"))
         try:
             await self._read_frames(reader, remote)
         except (asyncio.IncompleteReadError, OSError) as error:
@@ -430,6 +450,23 @@ class TcpTransport:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    def _note_refused_handshake(self, error: ssl.SSLError) -> None:
+        # NB: the peer's address is not known at this layer; the reason is.
+        self.refused_connections["tls_handshake"] += 1
+        logger.warning(
+            "node %d refused a peer connection at the TLS handshake: %s",
+            self.node_id,
+            error.reason or error,
+        )
+
+    def _refuse_too_many(self, remote: str) -> None:
+        self.refused_connections["too_many"] += 1
+        logger.warning(
+            "refusing connection from %s: %d inbound connections already open (the cap)",
+            remote,
+            len(self._inbound),
+        )
 
     async def _read_frames(self, reader: asyncio.StreamReader, remote: str) -> None:
         header_size = _FRAME_HEADER.size
@@ -462,6 +499,26 @@ class TcpTransport:
                 self._on_receive(sender, items)
             except Exception:
                 logger.exception("on_receive failed for a frame from node %d", sender)
+
+
+def count_handshake_failures(
+    context: ssl.SSLContext, on_failure: Callable[[ssl.SSLError], None]
+) -> None:
+    """Makes `context` call on_failure for every TLS handshake it fails (bad or missing peer
+    certificate, plain text to a TLS port). asyncio and uvloop only debug-log those; both run
+    the handshake through context.wrap_bio, whose SSLObject class is the hook used here."""
+
+    class _CountingSSLObject(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            try:
+                super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise  # not a failure: the handshake needs more bytes
+            except ssl.SSLError as error:
+                on_failure(error)
+                raise
+
+    context.sslobject_class = _CountingSSLObject
 
 
 def _set_nodelay(writer: asyncio.StreamWriter) -> None:

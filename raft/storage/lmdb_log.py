@@ -408,6 +408,16 @@ class LmdbGroupStorage:
         raise CorruptLogError(group_id, LogIndex(index), "log entry (missing)")
 
 
+def must_be_durable(write: GroupWrite, persisted: HardState) -> bool:
+    """Log entries, snapshots, term and vote must survive an OS crash before we act on them
+    (acks, votes). The commit index need not (§3.8: it is volatile state, relearnt from the
+    leader), nor the applied state committed beside it: the log replays it."""
+    if write.entries or write.snapshot is not None:
+        return True
+    new = write.hard_state
+    return new is not None and (new.term, new.voted_for) != (persisted.term, persisted.voted_for)
+
+
 # --- The store: one environment, many groups. ---
 
 
@@ -428,8 +438,18 @@ class LmdbLogStore:
         self._path = os.fspath(path)
         self._sync = sync
         os.makedirs(self._path, exist_ok=True)
+        # metasync=False (MDB_NOMETASYNC): a commit flushes its data pages but not the meta page
+        # that makes it current, so an OS crash may undo the last commit but never corrupts the
+        # file (LMDB keeps ACI). Commits that must be durable (log entries, hard state) are then
+        # followed by an explicit sync; an apply-only commit is not: the log replays it. That
+        # saves one of the two flushes of the commit that follows every commit on a leader.
         self._env = env = lmdb.open(
-            self._path, map_size=map_size_bytes, subdir=True, max_dbs=_MAX_DBS, sync=sync
+            self._path,
+            map_size=map_size_bytes,
+            subdir=True,
+            max_dbs=_MAX_DBS,
+            sync=sync,
+            metasync=False,
         )
         self._lock = threading.RLock()  # held from staging a write until its caches are installed
         self._groups: dict[GroupId, LmdbGroupStorage] = {}
@@ -512,7 +532,8 @@ class LmdbLogStore:
                     extra(txn)
                 return views
 
-            for group_id, view in self._transact(build).items():
+            durable = any(must_be_durable(w, groups[w.group_id]._view.hard_state) for w in batch)
+            for group_id, view in self._transact(build, durable=durable).items():
                 groups[group_id]._view = view
 
     def create_snapshot(
@@ -599,12 +620,18 @@ class LmdbLogStore:
             view = replace(view, is_persisted=True)
         return view
 
-    def _transact(self, build: Callable[[lmdb.Transaction[bytes]], _T]) -> _T:
-        """Run `build` in one write transaction and commit; grow the map and retry when full."""
+    def _transact(
+        self, build: Callable[[lmdb.Transaction[bytes]], _T], *, durable: bool = True
+    ) -> _T:
+        """Run `build` in one write transaction and commit; grow the map and retry when full.
+        `durable=False`: an OS crash may undo this commit (a process crash never does)."""
         while True:
             try:
                 with self._env.begin(write=True) as txn:
-                    return build(txn)
+                    result = build(txn)
+                if durable and self._sync:
+                    self._env.sync(True)  # flushes the meta page metasync=False left behind
+                return result
             except lmdb.MapFullError:
                 self._grow_map()
             except lmdb.MapResizedError:  # another process grew the map: adopt its size

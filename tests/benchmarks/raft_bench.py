@@ -21,12 +21,13 @@ from pathlib import Path
 
 import lmdb
 
+from cli.cluster_plan import free_ports
 from raft.core.config import RaftConfig
 from raft.core.messages import ConfState, Message
 from raft.core.node import RaftNode
 from raft.core.storage import MemoryStorage
 from raft.core.types import NodeId
-from raft.demo import free_ports, node_argv, request
+from raft.demo import node_argv, request
 
 
 def simulated_entries_per_s(entries: int, size: int, batch: int) -> float:

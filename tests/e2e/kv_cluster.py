@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import signal
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,15 +37,31 @@ class KVCluster:
         nodes: int = 3,
         shards: int = 4,
         replication: int = 3,
+        *,
         elastic: dict[str, float] | None = None,
+        tls: bool = False,
+        auth: bool = False,
+        encrypt: bool = False,
     ):
         self.data_dir = data_dir
         result = launcher.start_cluster(
             launcher.UpRequest(
-                data_dir, nodes, shards, replication, base_port=None, elastic=elastic
+                data_dir,
+                nodes,
+                shards,
+                replication,
+                None,
+                elastic=elastic,
+                tls=tls,
+                auth=auth,
+                encrypt=encrypt,
             )
         )
         self.record: ClusterRecord = result.record
+        security = self.record.security
+        # Sent when a request names no Authorization itself: the bootstrap admin's, if auth is on.
+        self.token: str | None = security.token()
+        self.tls_context = security.tls_options().context() if security.ca_file else None
         try:
             self.wait_ready()
         except BaseException:
@@ -110,11 +127,25 @@ class KVCluster:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
         timeout_s: float = 10.0,
+        *,
+        send_default_token: bool = True,
+        context: ssl.SSLContext | None = None,
     ) -> Response:
+        """One request; over HTTPS (with `context`, else the cluster's CA and client
+        certificate) when the cluster uses TLS."""
         parts = urlsplit(self.url(node_id))
-        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s)
+        connection: http.client.HTTPConnection
+        if parts.scheme == "https":
+            connection = http.client.HTTPSConnection(
+                parts.hostname, parts.port, timeout=timeout_s, context=context or self.tls_context
+            )
+        else:
+            connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s)
+        headers = dict(headers or {})
+        if send_default_token and self.token is not None and "Authorization" not in headers:
+            headers["Authorization"] = f"Bearer {self.token}"
         try:
-            connection.request(method, path, body=body, headers=headers or {})
+            connection.request(method, path, body=body, headers=headers)
             response = connection.getresponse()
             return Response(response.status, dict(response.getheaders()), response.read())
         finally:
@@ -137,6 +168,18 @@ class KVCluster:
         return self.request(
             node_id, "GET", f"/v1/kv/{quote(key, safe='')}?consistency={consistency}"
         )
+
+    def kvctl(self, *args: str) -> tuple[int, str, str]:
+        """Run kvctl in-process against every node; (exit code, stdout, stderr)."""
+        from click.testing import CliRunner
+
+        from cli.__main__ import kvctl
+
+        endpoints = ",".join(self.url(node) for node in self.node_ids)
+        result = CliRunner().invoke(
+            kvctl, [*args, "--endpoints", endpoints], catch_exceptions=False
+        )
+        return result.exit_code, result.stdout, result.stderr
 
     def status(self, node_id: int) -> dict[str, Any]:
         return self.request(node_id, "GET", "/v1/cluster").json()

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from raft.demo import free_ports, node_argv, request
+from cli.cluster_plan import free_ports
+from raft.demo import node_argv, request
 
 pytestmark = pytest.mark.e2e
 

@@ -52,3 +52,23 @@ async def test_the_harness_catches_stale_reads_served_without_read_index(tmp_pat
     assert result.verdict == "invalid", result.summary["checkers"]
     witness = result.summary["checkers"]["linearizable"]["details"]
     assert witness  # the report names the key and the operation that could not be linearized
+
+
+async def test_a_bank_run_with_kills_and_partitions_sees_every_total(tmp_path: Path):
+    """Transfers (single-shard transactions) and reads by map-reduce queries under faults."""
+    result = await run_test(
+        RunConfig(
+            workload="bank",
+            nemeses=frozenset({"kill", "partition"}),
+            time_s=20,
+            nodes=3,
+            shards=3,
+            concurrency=6,
+            seed=5,
+            out=tmp_path / "bank",
+        )
+    )
+    bank = result.summary["checkers"]["bank"]
+    assert result.verdict == "valid", bank
+    assert bank["details"]["reads"] > 20
+    assert bank["details"]["transfers_ok"] > 20

@@ -9,19 +9,23 @@ the first outcome without writing again, even for a different request (as the st
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from kvstore.errors import (
     CrossShardTxn,
     InvalidRequest,
+    KVError,
     NotFound,
     PayloadTooLarge,
     PreconditionFailed,
 )
+from kvstore.query import ShardPlan, execute_on_rows, merge_partials, parse_query
+from kvstore.query.spec import QuerySpec
 from kvstore.service import (
     CompareOp,
     CompareTarget,
@@ -63,6 +67,8 @@ class FakeKVService:
         default_factory=lambda: {"node_id": 1, "shards": [{"shard_id": 0, "leader_id": 1}]}
     )
     calls: list[Call] = field(default_factory=list)
+    cluster_status_gate: asyncio.Event | None = None
+    cluster_status_entered: asyncio.Queue[None] | None = None
     # Invariant: every stored version <= last_version.
     last_version: int = 0
     _data: dict[str, tuple[bytes, int]] = field(default_factory=dict)
@@ -166,8 +172,36 @@ class FakeKVService:
 
         return self._once(ctx, ("txn", request), run)
 
+    def parse_query(self, doc: Any) -> QuerySpec:
+        return parse_query(doc)
+
+    async def query(self, spec: QuerySpec, ctx: RequestContext) -> dict[str, Any]:
+        """The real query engine over this fake's data as one shard."""
+        self._enter("query", ctx, spec=spec)
+        rows = [(key, self._data[key][0]) for key in sorted(self._data)]
+        partial = execute_on_rows(ShardPlan.for_shard(spec, 0), rows)
+        return merge_partials(spec, [partial]).to_json()
+
+    async def batch_put(
+        self, items: Sequence[tuple[str, bytes]], ctx: RequestContext
+    ) -> list[int | KVError]:
+        self._enter("batch_put", ctx, items=list(items))
+        version_by_shard: dict[int, int] = {}  # one entry per shard: one version
+        results: list[int | KVError] = []
+        for key, value in items:
+            shard = self.shard_of(key)
+            if shard not in version_by_shard:
+                version_by_shard[shard] = self._next_version()
+            self._data[key] = (value, version_by_shard[shard])
+            results.append(version_by_shard[shard])
+        return results
+
     async def cluster_status(self) -> dict[str, Any]:
         self._enter("cluster_status", None)
+        if self.cluster_status_entered is not None:
+            self.cluster_status_entered.put_nowait(None)
+        if self.cluster_status_gate is not None:  # lets a test hold requests in flight
+            await self.cluster_status_gate.wait()
         return self.status
 
     def is_ready(self) -> tuple[bool, str]:

@@ -13,9 +13,11 @@ from kvstore.commands import (
     FAILED_INVALID,
     FAILED_NOT_FOUND,
     FAILED_PRECONDITION,
+    BatchWritten,
     Delete,
     Failed,
     Put,
+    PutBatch,
     Txn,
     decode_command,
     decode_outcome,
@@ -65,6 +67,7 @@ commands = st.one_of(
     ),
     st.builds(Delete, key=keys, if_version=st.none() | versions, idempotency_key=idempotency_keys),
     st.builds(Txn, request=requests, idempotency_key=idempotency_keys),
+    st.builds(PutBatch, items=st.lists(st.tuples(keys, values), min_size=1, max_size=5).map(tuple)),
 )
 op_results = st.builds(
     TxnOpResult,
@@ -84,6 +87,7 @@ outcomes = st.one_of(
     st.builds(
         TxnResult, succeeded=st.booleans(), results=st.lists(op_results, max_size=4).map(tuple)
     ),
+    st.builds(BatchWritten, version=versions),
 )
 
 
@@ -202,3 +206,17 @@ def test_failures_turn_into_the_matching_kv_errors():
     assert isinstance(Failed(FAILED_INVALID, "junk", 0).to_error(), InvalidRequest)
     for code in (FAILED_PRECONDITION, FAILED_NOT_FOUND, FAILED_INVALID):
         assert Failed(code, "m", 0).to_error().code == code
+
+
+@pytest.mark.parametrize(
+    "items",
+    [(), [("k", b"v")], (("k",),), (("k", "not bytes"),), ((b"k", b"v"),), (("k", b"v", 1),)],
+)
+def test_a_put_batch_holds_only_a_non_empty_tuple_of_key_value_pairs(items):
+    with pytest.raises(TypeError):
+        PutBatch(items)
+
+
+def test_a_put_batch_with_a_malformed_pair_does_not_decode():
+    with pytest.raises(ValueError, match="malformed"):
+        decode_command(msgpack.packb((4, [("k", b"v"), ("k2",)])))

@@ -83,3 +83,15 @@ def test_bad_settings_say_what_is_wrong(tmp_path, extra, message):
 def test_a_node_missing_from_the_cluster_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="not listed"):
         load_config(["--config", str(write(tmp_path)), "--node-id", "7"])
+
+
+def test_the_check_interval_comes_from_integrity_then_the_environment(tmp_path, monkeypatch):
+    assert load_config(["--config", str(write(tmp_path))]).check_interval_s == 300.0
+    path = write(tmp_path, "[integrity]\ncheck_interval_s = 0\n")
+    assert load_config(["--config", str(path)]).check_interval_s == 0  # never
+    monkeypatch.setenv("KVSTORE_CHECK_INTERVAL_S", "2.5")
+    assert load_config(["--config", str(path)]).check_interval_s == 2.5
+    for bad in ("-1", "nan", "soon"):
+        monkeypatch.setenv("KVSTORE_CHECK_INTERVAL_S", bad)
+        with pytest.raises(ConfigError, match=r"check_interval_s|invalid setting"):
+            load_config(["--config", str(path)])

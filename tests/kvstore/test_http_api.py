@@ -27,7 +27,7 @@ from yarl import URL
 from kvstore.errors import KVError, OutcomeUnknown, ShardUnavailable, StaleShardMap
 from kvstore.http_api import create_app, txn_body_limit_bytes
 from kvstore.service import Consistency, Limits, TxnOpKind
-from tests.kvstore.fake_service import FakeKVService
+from tests.kvstore.fake_service import OTHER_SHARD_PREFIX, FakeKVService
 
 LIMITS = Limits(
     max_key_bytes=64, max_value_bytes=1024, max_scan_limit=50, default_scan_limit=10, max_txn_ops=4
@@ -876,3 +876,100 @@ async def test_random_requests_never_get_a_500_and_errors_are_always_json(
         doc = reply.json()
         assert set(doc) == {"error"}
         assert set(doc["error"]) >= {"code", "message"}
+
+
+# --- POST /v1/batch --------------------------------------------------------------------------
+
+
+async def test_a_batch_answers_one_version_per_put_and_one_entry_per_shard(
+    api: Api, fake: FakeKVService
+) -> None:
+    puts = [
+        {"key": "a", "value": b64(b"1")},
+        {"key": OTHER_SHARD_PREFIX + "b", "value": b64(b"2")},
+        {"key": "c", "value": b64(b"\x00\xff")},
+    ]
+    reply = await api.send("POST", "/v1/batch", data=json.dumps({"puts": puts}).encode())
+    assert reply.status == 200
+    doc = reply.json()
+    assert (doc["written"], doc["failed"], doc["errors"]) == (3, 0, [])
+    versions = doc["versions"]  # in request order
+    assert versions[0] == versions[2] != versions[1]  # a and c share their shard's entry
+    assert fake.stored("c") == (b"\x00\xff", versions[2])
+
+
+async def test_a_batch_where_some_shards_failed_reports_each_unwritten_put(
+    api: Api, fake: FakeKVService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def half_written(items: Any, ctx: Any) -> list[Any]:
+        return [7, ShardUnavailable("shard 2 has no leader")]
+
+    monkeypatch.setattr(fake, "batch_put", half_written)
+    puts = [{"key": "a", "value": b64(b"1")}, {"key": "b", "value": b64(b"2")}]
+    reply = await api.send("POST", "/v1/batch", data=json.dumps({"puts": puts}).encode())
+    assert reply.status == 200
+    assert reply.json() == {
+        "written": 1,
+        "failed": 1,
+        "versions": [7, None],
+        "errors": [
+            {
+                "index": 1,
+                "key": "b",
+                "code": "shard_unavailable",
+                "message": "shard 2 has no leader",
+            }
+        ],
+    }
+
+
+async def test_a_batch_that_wrote_nothing_is_that_error(api: Api, fake: FakeKVService) -> None:
+    fake.failure = ShardUnavailable("no leader anywhere")
+    puts = [{"key": "a", "value": b64(b"1")}]
+    reply = await api.send("POST", "/v1/batch", data=json.dumps({"puts": puts}).encode())
+    assert reply.status == 503
+    assert reply.error_code() == "shard_unavailable"
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"not json", 400),
+        (b"[]", 400),
+        (b"{}", 400),
+        (b'{"puts": []}', 400),
+        (b'{"puts": {}}', 400),
+        (b'{"puts": [1]}', 400),
+        (b'{"puts": [{"key": "a"}]}', 400),
+        (b'{"puts": [{"key": "a", "value": "AA==", "extra": 1}]}', 400),
+        (b'{"puts": [{"key": "", "value": "AA=="}]}', 400),
+        (b'{"puts": [{"key": "a", "value": "not base64!"}]}', 400),
+        (b'{"puts": [{"key": 5, "value": "AA=="}]}', 400),
+        (b'{"puts": [{"key": "a", "value": "AA=="}], "more": 1}', 400),
+        (json.dumps({"puts": [{"key": "k" * 65, "value": "AA=="}]}).encode(), 413),
+        (json.dumps({"puts": [{"key": "a", "value": b64(b"x" * 1025)}]}).encode(), 413),
+        (json.dumps({"puts": [{"key": f"k{i}", "value": "AA=="} for i in range(5)]}).encode(), 400),
+    ],
+)
+async def test_a_malformed_batch_is_rejected_whole_before_anything_is_written(
+    body: bytes, status: int, fake: FakeKVService
+) -> None:
+    limits = Limits(
+        max_key_bytes=64, max_value_bytes=1024, max_batch_puts=4, max_batch_bytes=1 << 16
+    )
+    fake.limits = limits
+    async with TestClient(TestServer(create_app(fake, registry=CollectorRegistry()))) as client:
+        reply_api = Api(client)
+        reply = await reply_api.send("POST", "/v1/batch", data=body)
+    assert reply.status == status
+    assert reply.error_code() in {"invalid_request", "payload_too_large"}
+    assert not [call for call in fake.calls if call.method == "batch_put"]
+
+
+async def test_a_batch_body_over_its_byte_limit_is_413(fake: FakeKVService) -> None:
+    fake.limits = Limits(max_batch_bytes=100)
+    body = json.dumps({"puts": [{"key": "k" * 100, "value": "AA=="}]}).encode()
+    async with TestClient(TestServer(create_app(fake, registry=CollectorRegistry()))) as client:
+        reply = await Api(client).send("POST", "/v1/batch", data=body)
+    assert reply.status == 413
+    assert reply.error_code() == "payload_too_large"

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from kvstore import errors
 from kvstore.admin_api import add_admin_routes
 from kvstore.http_api import create_app
-from kvstore.service import RequestContext
+from tests.kvstore.fake_admin import FakeAdminService, RecordingMetaProposer
 from tests.kvstore.fake_service import FakeKVService
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
@@ -21,18 +21,33 @@ ERROR_REF = "#/components/schemas/Error"
 
 # The errors each operation can produce; the spec must list at least these.
 SERVICE_ERRORS = {"500", "503", "504"}
+LIMITED = {"429"}  # every route: too many requests in flight from one client
+AUTHENTICATED = {"401"} | LIMITED  # every route but the public probes, with auth on
+AUTHORIZED = {"403"} | AUTHENTICATED  # routes that check a grant
 EXPECTED_ERRORS: dict[tuple[str, str], set[str]] = {
-    ("GET", "/v1/kv/{key}"): {"400", "404", "413"} | SERVICE_ERRORS,
-    ("PUT", "/v1/kv/{key}"): {"400", "412", "413"} | SERVICE_ERRORS,
-    ("DELETE", "/v1/kv/{key}"): {"400", "404", "412", "413"} | SERVICE_ERRORS,
-    ("GET", "/v1/scan"): {"400"} | SERVICE_ERRORS,
-    ("POST", "/v1/txn"): {"400", "413"} | SERVICE_ERRORS,
-    ("GET", "/v1/cluster"): {"500", "503"},
-    ("GET", "/health"): {"500"},
-    ("GET", "/ready"): {"500", "503"},
-    ("GET", "/metrics"): {"500"},
-    ("POST", "/v1/admin/nodes"): {"400", "412", *SERVICE_ERRORS},
-    ("POST", "/v1/admin/nodes/{node_id}/drain"): {"400", "412", *SERVICE_ERRORS},
+    ("GET", "/v1/kv/{key}"): {"400", "404", "413"} | SERVICE_ERRORS | AUTHORIZED,
+    ("PUT", "/v1/kv/{key}"): {"400", "412", "413"} | SERVICE_ERRORS | AUTHORIZED,
+    ("DELETE", "/v1/kv/{key}"): {"400", "404", "412", "413"} | SERVICE_ERRORS | AUTHORIZED,
+    ("GET", "/v1/scan"): {"400"} | SERVICE_ERRORS | AUTHORIZED,
+    ("POST", "/v1/txn"): {"400", "413"} | SERVICE_ERRORS | AUTHORIZED,
+    ("POST", "/v1/batch"): {"400", "413"} | SERVICE_ERRORS | AUTHORIZED,
+    ("POST", "/v1/query"): {"400", "413", "500", "503"} | AUTHORIZED,
+    ("GET", "/v1/cluster"): {"500", "503"} | AUTHENTICATED,
+    ("GET", "/health"): {"500"} | LIMITED,
+    ("GET", "/ready"): {"500", "503"} | LIMITED,
+    ("GET", "/metrics"): {"500"} | LIMITED,
+    ("GET", "/v1/admin/check"): {"500"} | AUTHORIZED,
+    ("POST", "/v1/admin/check"): {"500"} | AUTHORIZED,
+    ("GET", "/v1/admin/snapshot/{shard}"): {"400", "404", "500", "503"} | AUTHORIZED,
+    ("PUT", "/v1/admin/snapshot/{shard}"): {"400", "404", "412", "413"}
+    | SERVICE_ERRORS
+    | AUTHORIZED,
+    ("GET", "/v1/auth/whoami"): {"500"} | AUTHENTICATED,
+    ("GET", "/v1/auth/users"): {"500", "503"} | AUTHORIZED,
+    ("POST", "/v1/auth/users"): {"400", "413"} | SERVICE_ERRORS | AUTHORIZED,
+    ("DELETE", "/v1/auth/users/{name}"): {"400", "404"} | SERVICE_ERRORS | AUTHORIZED,
+    ("POST", "/v1/admin/nodes"): {"400", "412", "413"} | SERVICE_ERRORS | AUTHORIZED,
+    ("POST", "/v1/admin/nodes/{node_id}/drain"): {"400", "412"} | SERVICE_ERRORS | AUTHORIZED,
 }
 
 
@@ -61,14 +76,9 @@ def resolve(spec: dict[str, Any], node: Any) -> Any:
     return node
 
 
-class UnusedMetaProposer:
-    async def propose(self, shard_id: int, command: bytes, ctx: RequestContext) -> object:
-        raise AssertionError("only the routes are inspected")
-
-
 def served_routes() -> set[tuple[str, str]]:
     app = create_app(FakeKVService(), registry=CollectorRegistry())
-    add_admin_routes(app, UnusedMetaProposer())
+    add_admin_routes(app, FakeAdminService(), RecordingMetaProposer())
     return {
         (route.method, route.resource.canonical)
         for route in app.router.routes()

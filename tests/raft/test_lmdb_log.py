@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import random
 import struct
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -427,3 +428,19 @@ def test_package_exports_exactly_its_public_names() -> None:
     )
     for name in raft.storage.__all__:
         assert getattr(raft.storage, name) is getattr(lmdb_log, name)
+
+
+def test_only_entries_snapshots_terms_and_votes_must_survive_an_os_crash():
+    must_be_durable = lmdb_log.must_be_durable
+    group = G1
+    persisted = HardState(term=Term(3), voted_for=NodeId(2), commit=LogIndex(10))
+    entry = Entry(Term(3), LogIndex(11), b"x")
+    commit_only = HardState(term=Term(3), voted_for=NodeId(2), commit=LogIndex(11))
+    assert not must_be_durable(GroupWrite(group), persisted)
+    assert not must_be_durable(GroupWrite(group, hard_state=commit_only), persisted)
+    assert must_be_durable(GroupWrite(group, entries=(entry,)), persisted)
+    assert must_be_durable(
+        GroupWrite(group, hard_state=replace(persisted, term=Term(4))), persisted
+    )
+    new_vote = replace(persisted, voted_for=NodeId(3))
+    assert must_be_durable(GroupWrite(group, hard_state=new_vote), persisted)

@@ -152,3 +152,19 @@ def test_read_index_on_a_follower_raises_not_leader_with_the_leader_hint():
         cluster.node(2).read_index(b"x")
     assert raised.value.leader_hint == 1
     assert cluster.node(2).commit_index == LogIndex(4)
+
+
+def test_a_node_that_may_not_campaign_never_starts_an_election_but_still_votes():
+    cluster = Cluster(3, election_timeout_ticks=10)
+    cluster.node(2).may_campaign = False
+    cluster.tick(2, 100)
+    cluster.deliver_all()
+    assert cluster.leader() is None
+    assert not cluster.sent_messages(2, types=RequestVote)
+    cluster.crash(1)
+    leader = cluster.elect(3)  # with node 1 down, only node 2's vote makes a majority
+    assert leader.is_leader
+    leader.transfer_leader(NodeId(2))  # nor does a TimeoutNow make it take over
+    cluster.deliver_all()
+    assert leader.is_leader
+    assert not cluster.node(2).is_leader

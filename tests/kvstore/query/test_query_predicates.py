@@ -304,3 +304,31 @@ def test_json_type_names_and_value_order():
     ]
     ordered = sorted([{}, [], "a", 2, 1.5, False, None, MISSING], key=value_order)
     assert ordered == [MISSING, None, False, 1.5, 2, "a", [], {}]
+
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@given(_JSON_VALUES)
+@settings(max_examples=300)
+def test_the_fast_decoder_agrees_with_json(value) -> None:
+    """orjson decodes first; its answer must be json's, big integers exact."""
+    raw = json.dumps(value, ensure_ascii=False).encode()
+    assert decode_document(raw) == json.loads(raw)
+
+
+@pytest.mark.parametrize(
+    "raw", [b"1e400", b"NaN", b'"\\ud800"', b"\xef\xbb\xbf1", b"[1] x", b"\xff", b"01", b"[" * 5000]
+)
+def test_what_json_refuses_the_fast_decoder_refuses_too(raw) -> None:
+    assert decode_document(raw) is NOT_JSON

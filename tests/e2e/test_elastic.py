@@ -279,3 +279,30 @@ def test_kvctl_adds_a_node_removes_it_and_reports_the_balancer(tmp_path: Path):
         wait_balanced(cluster, "three nodes to settle again")
     finally:
         cluster.stop()
+
+
+@pytest.mark.slow
+def test_a_node_added_to_a_tls_cluster_with_encryption_serves_its_share(tmp_path: Path):
+    cluster = KVCluster(tmp_path / "cluster", shards=3, tls=True, encrypt=True)
+    try:
+        values = {f"sealed/{i}": f"secret {i}".encode() for i in range(30)}
+        for key, value in values.items():
+            assert cluster.put(1, key, value).status == 200
+        added = cluster.add_node()
+        config = (cluster.data_dir / f"node{added}" / "node.toml").read_text()
+        assert "[tls]" in config
+        assert "[encryption]" in config
+        assert cluster.url(added).startswith("https://")
+        status = wait_balanced(cluster, f"node {added} to get its share")
+        hosted = [shard for shard in status["shards"] if added in shard["replicas"]]
+        assert hosted, status["shards"]
+        for key, value in values.items():
+            response = cluster.get(added, key)
+            assert (response.status, response.body) == (200, value), key
+        # Stale reads of the shards it holds are served by its own replica, whose copy came
+        # by snapshot over mutual TLS and opens with the cluster's keys.
+        for key, value in values.items():
+            response = cluster.get(added, key, consistency="stale")
+            assert (response.status, response.body) == (200, value), key
+    finally:
+        cluster.stop()

@@ -9,9 +9,10 @@ the least loaded node, so adding one node to N moves about 1/(N+1) of the replic
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
-from kvstore.map_changes import MapChange, SetPreferredLeader, StartMove
-from kvstore.sharding import META_GROUP_ID, ShardMap
+from kvstore.map_changes import MapChange, SetPreferredLeader, StartMove, apply_change
+from kvstore.sharding import META_GROUP_ID, NodeInfo, ShardMap, initial_shard_map
 from raft.core.types import NO_NODE, NodeId, node_of
 
 
@@ -69,6 +70,21 @@ def plan_changes(shard_map: ShardMap, *, max_moves: int) -> list[MapChange]:
     if changes or shard_map.moves:
         return changes  # leaders are evened out once replicas have settled
     return _even_leaders(shard_map, active)
+
+
+def founding_shard_map(nodes: list[NodeInfo], shard_count: int, replication: int) -> ShardMap:
+    """The map a new cluster starts from: initial_shard_map (replicas already even) with its
+    preferred leaders evened out as the balancer would, so a new cluster has nothing to move
+    or hand over. Deterministic: every founding node computes the same map, at epoch 1."""
+    shard_map = initial_shard_map(nodes, shard_count, replication)
+    active = sorted(node.id for node in nodes)
+    for _ in range(shard_count):  # each round evens a pair of nodes; few rounds suffice
+        changes = _even_leaders(shard_map, active)
+        if not changes:
+            break
+        for change in changes:
+            shard_map = apply_change(shard_map, change)
+    return replace(shard_map, epoch=1)
 
 
 def _replica_load(shard_map: ShardMap, active: list[NodeId]) -> Counter[NodeId]:

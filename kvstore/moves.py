@@ -8,6 +8,10 @@ that was lost (crash, lost leadership, timeout) is simply taken again by whoever
   joiner a voter, leaver still a member -> remove the leaver (leader first hands off)
   joiner a voter, leaver gone           -> record the finished move in the shard map
 A joiner whose node was declared down before promotion is removed and the move aborted.
+
+A hand-off can be refused silently (a quarantined replica never campaigns), and a transfer in
+progress refuses the group's proposals for up to an election timeout; so a hand-off to the same
+target that keeps not happening is asked again only after a doubling back-off.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from kvstore.errors import KVError
@@ -30,6 +36,20 @@ log = logging.getLogger(__name__)
 
 STEP_TIMEOUT_S = 5.0
 TRANSFER_RETRY_S = 3.0  # a hand-off not done by then is tried again (the core gives up)
+FREE_HAND_OFF_RETRIES = 3  # a target catching up after a restart is asked at that pace at first
+MAX_HAND_OFF_WAIT_S = 240.0  # then the wait doubles, up to this
+
+
+@dataclass(frozen=True, slots=True)
+class _HandOff:
+    target: NodeId
+    asked_at: float  # monotonic
+    failures: int  # earlier asks for this target that did not hand over
+
+    @property
+    def wait_s(self) -> float:
+        doublings = max(0, self.failures - FREE_HAND_OFF_RETRIES + 1)
+        return min(TRANSFER_RETRY_S * 2 ** min(doublings, 16), MAX_HAND_OFF_WAIT_S)
 
 
 class MetaProposer(Protocol):
@@ -49,14 +69,18 @@ async def propose_map_change(router: MetaProposer, change: MapChange) -> bool:
 
 
 class MoveExecutor:
-    def __init__(self, host: RaftHost, router: MetaProposer) -> None:
+    def __init__(
+        self, host: RaftHost, router: MetaProposer, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._host = host
         self._router = router
-        self._last_transfer: dict[int, float] = {}  # group -> monotonic time of the attempt
+        self._clock = clock
+        self._hand_offs: dict[int, _HandOff] = {}  # group -> the last hand-off asked, as leader
 
     async def run_once(self, shard_map: ShardMap) -> None:
         for group_id in self._host.group_ids():
             if not self._host.has_group(group_id) or not self._host.is_leader(group_id):
+                self._hand_offs.pop(group_id, None)  # handed over, or never ours
                 continue
             move = shard_map.move_of(group_id)
             try:
@@ -131,11 +155,15 @@ class MoveExecutor:
             self._hand_off(group, preferred)
 
     def _hand_off(self, group: int, target: NodeId) -> None:
-        now = time.monotonic()
-        if now - self._last_transfer.get(group, 0.0) < TRANSFER_RETRY_S:
-            return
+        now = self._clock()
+        last = self._hand_offs.get(group)
+        failures = 0
+        if last is not None and last.target == target:
+            if now - last.asked_at < last.wait_s:
+                return
+            failures = last.failures + 1  # we asked, and still lead: it did not happen
         if self._host.is_caught_up(group, target):
-            self._last_transfer[group] = now
+            self._hand_offs[group] = _HandOff(target, now, failures)
             log.info("group %d: handing leadership to replica %d", group, target)
             self._host.request_leader_transfer(group, target)
         else:

@@ -16,6 +16,7 @@ from aiohttp import web
 from kvstore.admin import NodeAdmin
 from kvstore.admin_api import add_admin_routes
 from kvstore.auth import Grants, User
+from kvstore.balancer import founding_shard_map
 from kvstore.config import ConfigError, NodeConfig
 from kvstore.consistency_check import ConsistencyChecker
 from kvstore.encryption import KeyFileError, ValueCipher, load_key_file
@@ -30,7 +31,7 @@ from kvstore.peer_client import PeerClient
 from kvstore.query import PluginLoadError, PluginRegistry
 from kvstore.reconciler import Reconciler
 from kvstore.router import Router
-from kvstore.sharding import META_GROUP_ID, ShardMap, initial_shard_map
+from kvstore.sharding import META_GROUP_ID, ShardMap
 from kvstore.state_machine import KVStateMachine
 from kvstore.tls import client_context, http_server_context, peer_server_context
 from raft.core.types import NodeId, node_of
@@ -121,7 +122,7 @@ class KVNode:
         config = self.config
         if not config.join:
             self.meta.initialize(
-                initial_shard_map(list(config.initial_nodes), config.shards, config.replication),
+                founding_shard_map(list(config.initial_nodes), config.shards, config.replication),
                 self._bootstrap_users(),
             )
         elif self.meta.shard_map is None:

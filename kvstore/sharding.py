@@ -187,8 +187,10 @@ def rendezvous_replicas(
 
 
 def initial_shard_map(nodes: list[NodeInfo], shard_count: int, replication: int) -> ShardMap:
-    """Equal token ranges; replicas by rendezvous hashing, then the preferred leader rotated so
-    leadership spreads evenly over the nodes. Deterministic: every node computes the same map."""
+    """Equal token ranges; each shard's replicas on the least loaded nodes so far (then those
+    leading fewest, then by rendezvous hashing), so replicas are even (max - min <= 1); its
+    preferred leader (replicas[0]) the one of them leading fewest, which is close to even
+    (kvstore.balancer.founding_shard_map evens it out). Deterministic."""
     if shard_count < 1:
         raise ValueError("shards must be >= 1")
     if not 1 <= replication <= len(nodes):
@@ -197,15 +199,23 @@ def initial_shard_map(nodes: list[NodeInfo], shard_count: int, replication: int)
     width = TOKEN_SPACE // shard_count
     shards = []
     leads: dict[NodeId, int] = dict.fromkeys(node_ids, 0)
+    load: dict[NodeId, int] = dict.fromkeys(node_ids, 0)
     for number in range(shard_count):
         shard_id = number + 1
-        replicas = list(rendezvous_replicas(shard_id, node_ids, replication))
-        preferred = min(replicas, key=lambda node: (leads[node], node))
-        replicas.remove(preferred)
+        rank = {
+            node: position
+            for position, node in enumerate(rendezvous_replicas(shard_id, node_ids, len(node_ids)))
+        }
+        replicas = sorted(node_ids, key=lambda node: (load[node], leads[node], rank[node]))
+        replicas = replicas[:replication]
+        preferred = min(replicas, key=lambda node: (leads[node], rank[node]))
+        others = [node for node in replicas if node != preferred]
+        for node in replicas:
+            load[node] += 1
         leads[preferred] += 1
         start = number * width
         end = TOKEN_SPACE if number == shard_count - 1 else start + width
-        shards.append(ShardSpec(shard_id, start, end, (preferred, *replicas)))
+        shards.append(ShardSpec(shard_id, start, end, (preferred, *others)))
     return ShardMap(
         epoch=1,
         shards=tuple(shards),

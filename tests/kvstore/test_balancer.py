@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvstore.balancer import plan_changes
+from kvstore.balancer import founding_shard_map, plan_changes
 from kvstore.map_changes import (
     AbortMove,
     AddNode,
@@ -39,6 +39,16 @@ def node_info(node_id: int) -> NodeInfo:
 
 def founded(node_count: int, shards: int, replication: int = 3) -> ShardMap:
     return initial_shard_map([node_info(i) for i in range(1, node_count + 1)], shards, replication)
+
+
+@given(node_count=st.integers(1, 9), shards=st.integers(1, 40), replication=st.integers(1, 5))
+def test_a_founding_map_is_already_balanced_so_a_new_cluster_moves_nothing(
+    node_count, shards, replication
+):
+    nodes = [node_info(i) for i in range(1, node_count + 1)]
+    founding = founding_shard_map(nodes, shards, min(replication, node_count))
+    assert founding.epoch == 1
+    assert plan_changes(founding, max_moves=100) == []
 
 
 def settle(shard_map: ShardMap, max_rounds: int = 500) -> tuple[ShardMap, int]:

@@ -49,7 +49,7 @@ class _HandOff:
     @property
     def wait_s(self) -> float:
         doublings = max(0, self.failures - FREE_HAND_OFF_RETRIES + 1)
-        return min(TRANSFER_RETRY_S * 2 ** min(doublings, 16), MAX_HAND_OFF_WAIT_S)
+        return min(TRANSFER_RETRY_S * (1 << min(doublings, 16)), MAX_HAND_OFF_WAIT_S)
 
 
 class MetaProposer(Protocol):

@@ -8,6 +8,7 @@ from cli.bench import bench_command
 from cli.bulk_load import load_command
 from cli.cluster_commands import CLUSTER_COMMANDS
 from cli.data_commands import DATA_COMMANDS
+from cli.elastic_commands import ELASTIC_COMMANDS
 from cli.integrity_commands import INTEGRITY_COMMANDS
 from cli.query_command import query_command
 from cli.security_commands import SECURITY_COMMANDS
@@ -61,6 +62,7 @@ for _command in (
     *DATA_COMMANDS,
     query_command,
     *CLUSTER_COMMANDS,
+    *ELASTIC_COMMANDS,
     *INTEGRITY_COMMANDS,
     *SECURITY_COMMANDS,
     bench_command,

@@ -26,6 +26,7 @@ NODE_UNIT = "kvstore-node"  # the OU of node certificates (kvstore checks it on 
 CLIENT_UNIT = "kvstore-client"
 VALID_DAYS = 365
 CA_FILE = "ca.pem"
+CA_KEY = "ca-key.pem"
 CLIENT_CERT = "kvctl.pem"
 CLIENT_KEY = "kvctl-key.pem"
 
@@ -133,9 +134,21 @@ class CertificateAuthority:
         )
         return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
+    @classmethod
+    def load(cls, directory: Path) -> CertificateAuthority:
+        """The CA `init_certs` wrote into directory (its key sits beside it: dev clusters only)."""
+        try:
+            key = serialization.load_pem_private_key((directory / CA_KEY).read_bytes(), None)
+            cert = x509.load_pem_x509_certificate((directory / CA_FILE).read_bytes())
+        except (OSError, ValueError) as error:
+            raise KvctlError(f"cannot load the dev CA in {directory}: {error}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise KvctlError(f"{directory / CA_KEY} is not the EC key `kvctl certs init` writes")
+        return cls(key, cert)
+
     def write(self, directory: Path) -> None:
         (directory / CA_FILE).write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
-        write_private(directory / "ca-key.pem", _key_pem(self.key))
+        write_private(directory / CA_KEY, _key_pem(self.key))
 
 
 def write_pair(pair: CertPair, cert_pem: bytes, key_pem: bytes) -> None:
@@ -162,3 +175,10 @@ def init_certs(directory: Path, node_ids: list[int], *, overwrite: bool = False)
     write_pair(client, *authority.issue("kvctl", CLIENT_UNIT))
     written += [client.cert_file, client.key_file]
     return written
+
+
+def issue_node_cert(directory: Path, node_id: int) -> CertPair:
+    """node{id}.pem/-key.pem for a node that joins later, signed by the directory's CA."""
+    pair = node_cert_pair(directory, node_id)
+    write_pair(pair, *CertificateAuthority.load(directory).issue(f"node{node_id}", NODE_UNIT))
+    return pair

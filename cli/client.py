@@ -15,7 +15,7 @@ import socket
 import ssl
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 from urllib.parse import quote, urlencode, urlsplit
 
 from cli.errors import (
@@ -58,11 +58,23 @@ class ShardBackup:
     content_digest: str  # 16 hex digits; a restore of this blob reports the same
 
 
-class NodeStatus(TypedDict):
+class NodeStatus(TypedDict, total=False):
     id: int
     client_url: str
     peer_address: str
     reachable: bool
+    draining: bool  # being removed: its replicas move away
+    down: bool  # unreachable past down_after: its replicas are re-created elsewhere
+    replicas: int  # shard replicas the map places on it
+    leads: int
+
+
+class MoveStatus(TypedDict):
+    group: int  # a shard id, or 0: the meta group
+    from_node: int
+    to_node: int
+    from_replica: int
+    to_replica: int
 
 
 class ReplicaStatus(TypedDict):
@@ -91,6 +103,9 @@ class ClusterStatus(TypedDict):
     nodes: list[NodeStatus]
     shards: list[ShardStatus]
     healthy: bool
+    moves: NotRequired[list[MoveStatus]]  # replica moves in progress
+    meta_voters: NotRequired[list[int]]
+    balanced: NotRequired[bool]  # no move in progress and none planned
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +331,17 @@ class KVClient:
         return status
 
     # -- admin ----------------------------------------------------------------------------------
+
+    def add_node(self, node_id: int, client_url: str, peer_address: str) -> int:
+        """Registers a node in the shard map; returns the map's new epoch."""
+        body = {"id": node_id, "client_url": client_url, "peer_address": peer_address}
+        response = self.request("POST", "/v1/admin/nodes", body=json.dumps(body).encode())
+        return int(response.json()["epoch"])
+
+    def drain_node(self, node_id: int) -> int:
+        """Starts moving every replica off the node; it leaves the map once it hosts none."""
+        response = self.request("POST", f"/v1/admin/nodes/{node_id}/drain")
+        return int(response.json()["epoch"])
 
     def check(self) -> dict[str, Any]:
         """Compare every shard's replicas now (POST /v1/admin/check); the raw report."""

@@ -29,12 +29,18 @@ from cli.output import (
     stderr_console,
     stdout_console,
 )
-from cli.settings import client_options, json_option, running_in_terminal, settings_of
+from cli.settings import (
+    client_options,
+    json_option,
+    running_in_terminal,
+    seconds_option,
+    settings_of,
+)
 
 FOREGROUND_STATUS_INTERVAL_S = 5.0
 
 
-def _data_dir_option(command: Callable[..., Any]) -> Callable[..., Any]:
+def data_dir_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--data-dir",
         "-d",
@@ -129,7 +135,7 @@ def shards_command() -> None:
     type=click.IntRange(min=1),
     help=f"replicas per shard, at most --nodes [default: {launcher.DEFAULT_REPLICATION}]",
 )
-@_data_dir_option
+@data_dir_option
 @click.option(
     "--base-port",
     type=click.IntRange(min=1, max=65535),
@@ -156,14 +162,7 @@ def shards_command() -> None:
     is_flag=True,
     help="new cluster: values encrypted at rest (AES-GCM, keys in DATA_DIR/encryption.keys)",
 )
-@click.option(
-    "--ready-timeout",
-    type=click.FloatRange(min=0),
-    default=60.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="how long to wait for every shard to have a leader",
-)
+@seconds_option("--ready-timeout", 60.0, "how long to wait for every shard to have a leader")
 @json_option()
 def up_command(
     nodes: int | None,
@@ -370,7 +369,7 @@ def _status_line(data_dir: Path) -> Text:
 
 
 @cluster_group.command("down")
-@_data_dir_option
+@data_dir_option
 @json_option()
 def down_command(data_dir: Path | None) -> None:
     """Stop every node of the local cluster (SIGTERM, then SIGKILL after 10 s).
@@ -399,27 +398,22 @@ def down_command(data_dir: Path | None) -> None:
     )
 
 
-@click.group("node", short_help="Restart one node of the local cluster.")
+@click.group("node", short_help="Add, remove or restart a node.")
 def node_group() -> None:
-    """Manage one node of the local cluster.
+    """Manage one node: add a new one, drain and remove one, restart one of the local cluster.
 
     \b
-    Example:
+    Examples:
+      kvctl node add --wait
+      kvctl node remove 3 --wait
       kvctl node restart 2
     """
 
 
 @node_group.command("restart")
 @click.argument("node_id", metavar="ID", type=click.IntRange(min=1))
-@_data_dir_option
-@click.option(
-    "--ready-timeout",
-    type=click.FloatRange(min=0),
-    default=30.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="how long to wait for the node to answer /health",
-)
+@data_dir_option
+@seconds_option("--ready-timeout", 30.0, "how long to wait for the node to answer /health")
 @json_option()
 def restart_command(node_id: int, data_dir: Path | None, ready_timeout: float) -> None:
     """Stop node ID (SIGTERM, SIGKILL after 10 s) and start it again with the same command.

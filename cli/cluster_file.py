@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -132,6 +132,9 @@ class ClusterRecord:
     shards: int
     replication: int
     created: str  # ISO-8601, UTC
+    # The node.toml [elastic] settings every node gets, nodes added later too (tests shorten
+    # down_after_s); empty: the node's defaults.
+    elastic: dict[str, float] = field(default_factory=dict)
     security: ClientSecurity = ClientSecurity()
 
     @property
@@ -154,6 +157,12 @@ class ClusterRecord:
         known = ", ".join(str(node.id) for node in self.nodes)
         raise KvctlError(f"there is no node {node_id} in this cluster (nodes: {known})")
 
+    def with_node(self, node: NodeRecord) -> ClusterRecord:
+        return replace(self, nodes=(*(n for n in self.nodes if n.id != node.id), node))
+
+    def without_node(self, node_id: int) -> ClusterRecord:
+        return replace(self, nodes=tuple(n for n in self.nodes if n.id != node_id))
+
     def with_pid(self, node_id: int, pid: int | None) -> ClusterRecord:
         nodes = tuple(replace(node, pid=pid) if node.id == node_id else node for node in self.nodes)
         return replace(self, nodes=nodes)
@@ -164,6 +173,7 @@ class ClusterRecord:
             "shards": self.shards,
             "replication": self.replication,
             "created": self.created,
+            "elastic": self.elastic,
             "security": self.security.to_json(),
         }
 
@@ -174,6 +184,7 @@ class ClusterRecord:
             shards=int(raw["shards"]),
             replication=int(raw["replication"]),
             created=str(raw.get("created", "")),
+            elastic={str(k): float(v) for k, v in raw.get("elastic", {}).items()},
             security=ClientSecurity.from_json(raw.get("security", {})),
         )
 

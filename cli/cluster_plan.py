@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +164,8 @@ def node_toml(
     shards: int,
     replication: int,
     written_by: str = "`kvctl cluster up`",
+    elastic: Mapping[str, float] | None = None,
+    join: bool = False,
     security: NodeSecurity | None = None,
 ) -> str:
     """The config one node reads; the [cluster] part is identical in every node's file."""
@@ -178,6 +180,8 @@ def node_toml(
         f"shards = {shards}",
         f"replication = {replication}",
     ]
+    if join:  # a new node in a running cluster: it fetches the map from the nodes below
+        lines.append("join = true")
     for member in cluster:
         lines += [
             "",
@@ -186,6 +190,8 @@ def node_toml(
             f"client_url = {toml_string(member.client_url)}",
             f"peer_address = {toml_string(member.peer_address)}",
         ]
+    if elastic:
+        lines += ["", "[elastic]", *(f"{name} = {value!r}" for name, value in elastic.items())]
     if security is not None:
         lines += security.toml_lines(node.id)
     return "\n".join(lines) + "\n"
@@ -213,9 +219,17 @@ def write_configs(
     *,
     shards: int,
     replication: int,
+    elastic: Mapping[str, float] | None = None,
     security: NodeSecurity | None = None,
 ) -> None:
     for node in nodes:
         node.data_dir.mkdir(parents=True, exist_ok=True)
-        text = node_toml(node, nodes, shards=shards, replication=replication, security=security)
+        text = node_toml(
+            node,
+            nodes,
+            shards=shards,
+            replication=replication,
+            elastic=elastic,
+            security=security,
+        )
         node.config_path.write_text(text, encoding="utf-8")

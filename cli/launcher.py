@@ -13,18 +13,28 @@ import secrets
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from cli import certs, cluster_file, encryption_keys, processes
 from cli.client import ClusterStatus
 from cli.cluster_file import ClusterRecord, NodeRecord
-from cli.cluster_plan import NodeSecurity, plan_nodes, write_configs
+from cli.cluster_plan import (
+    NodeSecurity,
+    PlannedNode,
+    free_ports,
+    node_toml,
+    plan_nodes,
+    write_configs,
+)
 from cli.errors import ClusterUnavailable, InvalidUsage, KvctlError
 
 NODE_COMMAND_ENV = "KVCTL_NODE_COMMAND"  # tests only: replaces `python -m kvstore`
-NODE_ENV = {"PYTHONUNBUFFERED": "1"}  # so node.log is current when we show its tail
+NODE_ENV = {
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONFAULTHANDLER": "1",
+}  # log current; a crash or SIGABRT dumps every thread
 DEFAULT_NODES = 3
 DEFAULT_SHARDS = 8
 DEFAULT_REPLICATION = 3
@@ -52,6 +62,7 @@ class UpRequest:
     tls: bool = False  # a new cluster gets dev certificates (DATA_DIR/certs) and HTTPS
     auth: bool = False  # a new cluster gets auth on and a bootstrap admin token
     encrypt: bool = False  # a new cluster encrypts values at rest (DATA_DIR/encryption.keys)
+    elastic: Mapping[str, float] | None = None  # node.toml [elastic] settings, new clusters
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +122,15 @@ def _create(request: UpRequest) -> ClusterRecord:
     planned = plan_nodes(
         count, request.data_dir, request.base_port, scheme="https" if request.tls else "http"
     )
+    elastic = dict(request.elastic or {})
     node_security, client_security = _create_security(request, [node.id for node in planned])
-    write_configs(planned, shards=shards, replication=replication, security=node_security)
+    write_configs(
+        planned,
+        shards=shards,
+        replication=replication,
+        elastic=elastic,
+        security=node_security,
+    )
     command = node_command()
     nodes = tuple(
         NodeRecord(
@@ -126,7 +144,14 @@ def _create(request: UpRequest) -> ClusterRecord:
         )
         for node in planned
     )
-    return ClusterRecord(nodes, shards, replication, cluster_file.now_iso(), client_security)
+    return ClusterRecord(
+        nodes,
+        shards,
+        replication,
+        cluster_file.now_iso(),
+        elastic=elastic,
+        security=client_security,
+    )
 
 
 def _create_security(
@@ -300,6 +325,78 @@ def restart_node(data_dir: Path, node_id: int) -> tuple[NodeRecord, str]:
         record = record.with_pid(node_id, pid)
         cluster_file.save(data_dir, record)
     return record.node(node_id), outcome
+
+
+def add_node(data_dir: Path) -> NodeRecord:
+    """Registers a new node with the running cluster (it enters the shard map, so the
+    balancer starts moving replicas to it) and starts its process. Returns its record."""
+    with cluster_file.locked(data_dir):
+        record = load_cluster(data_dir)
+        node_id = max(node.id for node in record.nodes) + 1
+        client_port, peer_port = free_ports(2)
+        scheme = "https" if record.security.ca_file else "http"
+        root = data_dir.resolve()
+        new = PlannedNode(node_id, client_port, peer_port, root / f"node{node_id}", scheme)
+        if new.data_dir.exists():
+            raise KvctlError(f"{new.data_dir} exists already; remove it or pick another cluster")
+        security = _existing_security(root, record)
+        if security.certs_dir is not None:
+            certs.issue_node_cert(security.certs_dir, node_id)
+        members = [_planned(node, scheme) for node in record.nodes]
+        new.data_dir.mkdir(parents=True)
+        new.config_path.write_text(
+            node_toml(
+                new,
+                [*members, new],
+                shards=record.shards,
+                replication=record.replication,
+                written_by="`kvctl node add`",
+                elastic=record.elastic,
+                join=True,
+                security=security,
+            ),
+            encoding="utf-8",
+        )
+        record.client().add_node(node_id, new.client_url, new.peer_address)
+        argv = [*node_command(), "--config", str(new.config_path)]
+        pid = processes.spawn(argv, dict(NODE_ENV), new.log_path)
+        node = NodeRecord(
+            node_id, pid, new.client_url, new.peer_address, str(new.data_dir), argv, dict(NODE_ENV)
+        )
+        cluster_file.save(data_dir, record.with_node(node))
+    return node
+
+
+def _existing_security(root: Path, record: ClusterRecord) -> NodeSecurity:
+    """The NodeSecurity `_create_security` gave the cluster's first nodes, found again from
+    the files it wrote, for a node that joins later."""
+    token_file = record.security.token_file
+    admin_hash = None
+    if token_file is not None:
+        admin_hash = hashlib.sha256(cluster_file.read_token(Path(token_file)).encode()).hexdigest()
+    secret_file = root / CLUSTER_SECRET_FILE
+    key_file = root / ENCRYPTION_KEY_FILE
+    return NodeSecurity(
+        Path(record.security.ca_file).parent if record.security.ca_file else None,
+        admin_hash,
+        secret_file if secret_file.exists() else None,
+        key_file if key_file.exists() else None,
+    )
+
+
+def forget_node(data_dir: Path, node_id: int) -> str:
+    """Stops a node that has left the cluster (drained) and drops it from cluster.json.
+    Its directory stays, for the operator to inspect or delete. Returns how it ended."""
+    with cluster_file.locked(data_dir):
+        record = load_cluster(data_dir)
+        (outcome,) = processes.stop_all([process_of(record.node(node_id))])
+        cluster_file.save(data_dir, record.without_node(node_id))
+    return outcome
+
+
+def _planned(node: NodeRecord, scheme: str) -> PlannedNode:
+    peer_port = int(node.peer_address.rpartition(":")[2])
+    return PlannedNode(node.id, node.client_port, peer_port, Path(node.data_dir), scheme)
 
 
 def load_cluster(data_dir: Path) -> ClusterRecord:

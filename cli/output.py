@@ -163,6 +163,21 @@ def cluster_summary(status: ClusterStatus) -> list[Text]:
     if unreachable:
         ids = ", ".join(str(node["id"]) for node in unreachable)
         lines.append(Text(f"unreachable nodes: {ids}", style="red"))
+    for flag, style in (("down", "red"), ("draining", "yellow")):
+        flagged = [str(node["id"]) for node in status.get("nodes", []) if node.get(flag)]
+        if flagged:
+            lines.append(Text(f"{flag} nodes: {', '.join(flagged)}", style=style))
+    moves = status.get("moves", [])
+    for move in moves:
+        lines.append(
+            Text(
+                f"moving: group {move['group']} replica node {move['from_node']} -> "
+                f"node {move['to_node']}",
+                style="yellow",
+            )
+        )
+    if "balanced" in status:
+        lines.append(Text("placement: balanced" if status["balanced"] else "placement: balancing"))
     return lines
 
 

@@ -159,6 +159,18 @@ def timeout_option() -> Callable[[F], F]:
     )
 
 
+def seconds_option(flag: str, default: float, help: str) -> Callable[[F], F]:
+    """A duration flag, in seconds: --ready-timeout, --wait-timeout."""
+    return click.option(
+        flag,
+        type=click.FloatRange(min=0),
+        default=default,
+        show_default=True,
+        metavar="SECONDS",
+        help=help,
+    )
+
+
 def security_options(command: F) -> F:
     """--cacert, --cert, --key and --token."""
     for name, field, envvar, text in (

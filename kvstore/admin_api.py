@@ -1,11 +1,16 @@
-"""The admin routes of the public API (/v1/admin/*): consistency checks and shard backups.
+"""The admin routes of the public API (/v1/admin/*): consistency checks, shard backups, and
+cluster membership (join a node, drain one out).
 
-Like http_api, it depends only on a narrow Protocol (AdminService, implemented by
-kvstore.admin) and the error tree; errors become JSON through http_api's middleware.
+Like http_api, it depends only on narrow Protocols and the error tree: AdminService
+(kvstore.admin) for integrity, MetaProposer (the router) for membership, where each route is
+one shard map change through the meta group; the reconciler and the movers do the rest, and
+/v1/cluster shows their progress (moves, balanced). Errors become JSON through http_api's
+middleware. Every route needs the admin grant.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -13,12 +18,18 @@ from typing import Any, Final, Protocol
 from aiohttp import web
 
 from kvstore.auth import Action
+from kvstore.config import ConfigError, parse_address
 from kvstore.errors import InvalidRequest
 from kvstore.http_api import authorize, read_body
-from kvstore.service import Limits
+from kvstore.map_changes import AddNode, DrainNode, MapChange, encode_change
+from kvstore.moves import MetaProposer
+from kvstore.service import KeyVersion, Limits, RequestContext
+from kvstore.sharding import META_GROUP_ID, NodeInfo
+from raft.core.types import MAX_NODE_ID, NodeId
 
 ADMIN_ROUTE_PREFIX: Final = "/v1/admin/"
 _SHARD_ID = re.compile(r"[0-9]{1,19}")
+MAX_NODE_BODY_BYTES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +92,46 @@ def _check_report(reports: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def add_admin_routes(app: web.Application, admin: AdminService) -> None:
+def _node_id(raw: Any) -> NodeId:
+    text = str(raw)
+    if type(raw) not in (int, str) or not text.isdigit() or not 1 <= int(text) <= MAX_NODE_ID:
+        raise InvalidRequest(f"a node id is an integer from 1 to {MAX_NODE_ID}, got {raw!r}")
+    return NodeId(int(text))
+
+
+def _node_info(body: bytes) -> NodeInfo:
+    try:
+        fields = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InvalidRequest(f"the body must be JSON: {error}") from error
+    if not isinstance(fields, dict) or set(fields) != {"id", "client_url", "peer_address"}:
+        raise InvalidRequest('the body must be {"id": N, "client_url": URL, "peer_address": H:P}')
+    client_url = fields["client_url"]
+    if not isinstance(client_url, str) or not client_url.startswith(("http://", "https://")):
+        raise InvalidRequest("client_url must be an http(s):// URL")
+    try:
+        peer = parse_address(str(fields["peer_address"]), "peer_address")
+    except ConfigError as error:
+        raise InvalidRequest(str(error)) from error
+    return NodeInfo(_node_id(fields["id"]), client_url.rstrip("/"), peer)
+
+
+def add_admin_routes(app: web.Application, admin: AdminService, membership: MetaProposer) -> None:
+    async def change_map(change: MapChange) -> web.Response:
+        outcome = await membership.propose(META_GROUP_ID, encode_change(change), RequestContext())
+        if not isinstance(outcome, KeyVersion):
+            raise AssertionError(f"a shard map change applied as {outcome!r}")
+        return web.json_response({"epoch": outcome.version})
+
+    async def add_node(request: web.Request) -> web.Response:
+        authorize(request, Action.ADMIN, "")  # membership concerns every key
+        body = await read_body(request, MAX_NODE_BODY_BYTES, "a node's description")
+        return await change_map(AddNode(_node_info(body)))
+
+    async def drain_node(request: web.Request) -> web.Response:
+        authorize(request, Action.ADMIN, "")  # membership concerns every key
+        return await change_map(DrainNode(_node_id(request.match_info["node_id"])))
+
     async def run_check(request: web.Request) -> web.Response:
         authorize(request, Action.ADMIN, "")  # a backup or check spans every key
         return web.json_response(_check_report(await admin.check_consistency()))
@@ -124,3 +174,5 @@ def add_admin_routes(app: web.Application, admin: AdminService) -> None:
     app.router.add_get(ADMIN_ROUTE_PREFIX + "check", last_check)
     app.router.add_get(ADMIN_ROUTE_PREFIX + "snapshot/{shard}", get_snapshot)
     app.router.add_put(ADMIN_ROUTE_PREFIX + "snapshot/{shard}", put_snapshot)
+    app.router.add_post(ADMIN_ROUTE_PREFIX + "nodes", add_node)
+    app.router.add_post(ADMIN_ROUTE_PREFIX + "nodes/{node_id}/drain", drain_node)

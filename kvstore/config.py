@@ -14,7 +14,7 @@ from kvstore.query_runner import QuerySettings
 from kvstore.service import Limits
 from kvstore.sharding import NodeInfo
 from kvstore.tls import TlsFiles
-from raft.core.types import NodeId
+from raft.core.types import MAX_NODE_ID, NodeId
 
 
 class ConfigError(ValueError):
@@ -66,6 +66,12 @@ class NodeConfig:
     # Test-only fault: linearizable reads served by any replica without ReadIndex. Refused
     # unless the process was started with --unsafe-test-faults.
     unsafe_stale_reads: bool = False
+    # Elasticity. join: this node is new to a running cluster; it fetches the shard map from
+    # the [[cluster.nodes]] listed (after `kvctl node add` registered it) instead of founding.
+    join: bool = False
+    down_after_s: float = 300.0  # unreachable this long: its replicas are re-created elsewhere
+    max_moves: int = 2  # replica moves in flight at once, cluster-wide
+    reconcile_interval_s: float = 0.5
     # How often this node checks that the replicas of the shards it leads agree (0: never).
     check_interval_s: float = 300.0
     tls: TlsFiles | None = None  # [tls]: HTTPS for clients, mutual TLS between peers
@@ -190,6 +196,7 @@ def load_config(argv: list[str] | None = None) -> NodeConfig:
     cluster = raw.get("cluster", {})
     limits_raw = raw.get("limits", {})
     raft_raw = raw.get("raft", {})
+    elastic_raw = raw.get("elastic", {})
     check_interval_s = os.environ.get(_CHECK_INTERVAL_ENV) or raw.get("integrity", {}).get(
         "check_interval_s", 300.0
     )
@@ -219,6 +226,10 @@ def load_config(argv: list[str] | None = None) -> NodeConfig:
                 if "client_url" in route
             },
             unsafe_stale_reads=bool(raw.get("unsafe", {}).get("stale_reads", False)),
+            join=bool(cluster.get("join", False)),
+            down_after_s=float(elastic_raw.get("down_after_s", 300.0)),
+            max_moves=int(elastic_raw.get("max_moves", 2)),
+            reconcile_interval_s=float(elastic_raw.get("reconcile_interval_s", 0.5)),
             check_interval_s=float(check_interval_s),
             tls=_tls(raw.get("tls", {}), base),
             auth=_auth(raw.get("auth", {}), base),
@@ -233,6 +244,10 @@ def load_config(argv: list[str] | None = None) -> NodeConfig:
             "[unsafe] stale_reads makes reads non-linearizable and exists only to prove the "
             "test harness can catch it; refusing to start without --unsafe-test-faults"
         )
+    if config.down_after_s <= 0 or config.max_moves < 1 or config.reconcile_interval_s <= 0:
+        raise ConfigError("[elastic] down_after_s, max_moves, reconcile_interval_s must be > 0")
+    if not 1 <= config.node_id <= MAX_NODE_ID:
+        raise ConfigError(f"node_id must be from 1 to {MAX_NODE_ID}")
     if not config.check_interval_s >= 0:  # also refuses NaN
         raise ConfigError(f"check_interval_s must be >= 0, got {config.check_interval_s}")
     if config.auth.enabled and config.tls is None and config.auth.cluster_secret_file is None:

@@ -21,7 +21,7 @@ from kvstore.errors import KVError
 from kvstore.router import Router
 from kvstore.service import RequestContext
 from kvstore.state_machine import CorruptValueError, KVStateMachine
-from raft.core.types import NodeId
+from raft.core.types import NodeId, node_of
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,10 @@ class ConsistencyChecker:
                 raise AssertionError(f"a HashCheck applied as {outcome!r}")
             replicas = tuple(
                 await asyncio.gather(
-                    *(self._replica(node, shard_id, outcome.index) for node in shard.replicas)
+                    *(
+                        self._replica(node_of(replica), shard_id, outcome.index)
+                        for replica in shard.replicas
+                    )
                 )
             )
             status, message = _verdict(shard_id, replicas)

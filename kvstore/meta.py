@@ -1,23 +1,30 @@
 """The metadata Raft group's state machine: the shard map and the user table, replicated so every
 node agrees on them and changes to them are linearizable. Members serve the map; other nodes
-cache a copy. Users are known only to members, which is why auth needs every node a member."""
+cache a copy. Users are known only to members, which is why auth needs every node a member.
+Map changes (kvstore.map_changes) apply deterministically, or are refused as a Failed outcome."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lmdb
 import msgpack
 
 from kvstore.auth import Grants, User
+from kvstore.commands import FAILED_PRECONDITION, Failed
+from kvstore.map_changes import ChangeRefused, MapChange, apply_change, decode_change
+from kvstore.service import KeyVersion
 from kvstore.sharding import ShardMap
 from raft.core.messages import Entry, EntryKind, Snapshot
 from raft.core.types import LogIndex
 
 _MAP_KEY = b"shard_map"
 _APPLIED_KEY = b"applied"
+_CACHE_KEY = b"learned_shard_map"
 _USER_KEY_PREFIX = b"user/"
+# Command tags 1-3; kvstore.map_changes' start at 4. Append only: they live in the log.
 _SET_MAP = 1
 _PUT_USER = 2
 _DELETE_USER = 3
@@ -26,9 +33,20 @@ _SNAPSHOT_V2 = b"META2"
 LAST_ADMIN_REFUSED = "refused: that would leave no admin"
 
 
+SHARD_MAP_KEY = "(shard map)"  # what a change's KeyVersion names: its version is the epoch
+
+
 def encode_set_map(shard_map: ShardMap) -> bytes:
     packed: bytes = msgpack.packb((_SET_MAP, shard_map.encode()))
     return packed
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteUser:
+    name: str
+
+
+MetaCommand = ShardMap | MapChange | User | DeleteUser
 
 
 def _encode_user(user: User) -> bytes:
@@ -51,27 +69,48 @@ def encode_delete_user(name: str) -> bytes:
     return packed
 
 
-def check_meta_command(data: bytes) -> None:
-    """Raises ValueError unless `data` is a well-formed meta command (before it takes a slot)."""
+def decode_meta_command(data: bytes) -> MetaCommand:
+    """Raises ValueError for anything that is not a well-formed meta command."""
     try:
-        tag, payload = msgpack.unpackb(data)
+        tag, *fields = msgpack.unpackb(data)
         if tag == _SET_MAP:
-            ShardMap.decode(payload)
-        elif tag == _PUT_USER:
-            _decode_user(payload)
-        elif tag != _DELETE_USER or not isinstance(payload, str):
-            raise ValueError(f"unknown meta command {tag!r}")
+            (payload,) = fields
+            return ShardMap.decode(payload)
+        if tag == _PUT_USER:
+            (payload,) = fields
+            return _decode_user(payload)
+        if tag == _DELETE_USER:
+            (name,) = fields
+            if not isinstance(name, str):
+                raise ValueError("a user name is a string")
+            return DeleteUser(name)
     except (TypeError, ValueError, msgpack.UnpackException) as error:
+        raise ValueError(f"malformed meta command: {error}") from None
+    if type(tag) is not int:
+        raise ValueError("malformed meta command: the tag is not an integer")
+    try:
+        return decode_change(tag, fields)
+    except ValueError as error:
         raise ValueError(f"malformed meta command: {error}") from None
 
 
+def check_meta_command(data: bytes) -> None:
+    """Raises ValueError unless `data` is a well-formed meta command (before it takes a slot)."""
+    decode_meta_command(data)
+
+
 class MetaStateMachine:
+    """The map this node's meta replica applied (_MAP_KEY, Raft state: only apply, restore
+    and the founding initialize write it) and, apart, the newest map learned from peers
+    (_CACHE_KEY): a node outside the meta group, or a member that lags, still routes by it."""
+
     def __init__(self, env: lmdb.Environment) -> None:
         self._env = env
         self._db = env.open_db(b"meta.state")
         with env.begin(db=self._db) as txn:
-            raw = txn.get(_MAP_KEY)
+            raw, cached = txn.get(_MAP_KEY), txn.get(_CACHE_KEY)
         self._map: ShardMap | None = ShardMap.decode(raw) if raw else None
+        self._cached: ShardMap | None = ShardMap.decode(cached) if cached else None
         self._users: dict[str, User] = {}
         self._users_by_token: dict[bytes, User] = {}
         with env.begin(db=self._db) as txn:
@@ -119,12 +158,15 @@ class MetaStateMachine:
 
     @property
     def shard_map(self) -> ShardMap | None:
-        return self._map
+        """The newest map this node knows, applied or learned."""
+        if self._cached is None or (self._map and self._map.epoch >= self._cached.epoch):
+            return self._map
+        return self._cached
 
     def initialize(self, shard_map: ShardMap, initial_users: Sequence[User] = ()) -> None:
         """Every founding node writes the same initial map (and bootstrap admin, when auth is
         on) before its meta replica starts."""
-        if self._map is not None:
+        if self.shard_map is not None:
             return
         with self._env.begin(write=True, db=self._db) as txn:
             txn.put(_MAP_KEY, shard_map.encode())
@@ -134,13 +176,28 @@ class MetaStateMachine:
 
     def adopt(self, shard_map: ShardMap) -> bool:
         """Cache a newer map learned from a peer (this node's copy was stale). Returns whether
-        it was newer. Deterministic apply is unaffected: Raft only ever moves the epoch up."""
-        if self._map is not None and shard_map.epoch <= self._map.epoch:
+        it was newer. The applied map, and so deterministic apply, is unaffected."""
+        current = self.shard_map
+        if current is not None and shard_map.epoch <= current.epoch:
             return False
         with self._env.begin(write=True, db=self._db) as txn:
-            txn.put(_MAP_KEY, shard_map.encode())
-        self._map = shard_map
+            txn.put(_CACHE_KEY, shard_map.encode())
+        self._cached = shard_map
         return True
+
+    def clear_applied(self) -> None:
+        """A new meta replica starts here: it applies from a snapshot, never from the state
+        of a replica this node hosted before. The learned map stays for routing meanwhile."""
+        current = self.shard_map
+        with self._env.begin(write=True, db=self._db) as txn:
+            txn.delete(_APPLIED_KEY)
+            txn.delete(_MAP_KEY)
+            if current is not None:
+                txn.put(_CACHE_KEY, current.encode())
+            for name in list(self._users):
+                txn.delete(_USER_KEY_PREFIX + name.encode())
+                self._forget(name)
+        self._map, self._cached = None, current
 
     def applied_index(self) -> LogIndex:
         with self._env.begin(db=self._db) as txn:
@@ -152,25 +209,43 @@ class MetaStateMachine:
         for entry in entries:
             result: object = None
             if entry.kind is EntryKind.NORMAL and entry.data:
-                tag, payload = msgpack.unpackb(entry.data)
-                if tag == _PUT_USER:
-                    self._put_user(txn, _decode_user(payload))
-                    result = "ok"
-                elif tag == _DELETE_USER:
-                    result = self._delete_user(txn, payload)
-                elif tag == _SET_MAP:
-                    new_map = ShardMap.decode(payload)
-                    # Deterministic: only a newer epoch replaces the map.
-                    if self._map is None or new_map.epoch > self._map.epoch:
-                        txn.put(_MAP_KEY, payload, db=self._db)
-                        self._map = new_map
-                    result = self._map.epoch if self._map else 0
-                else:
-                    raise AssertionError(f"unknown meta command {tag} at index {entry.index}")
+                try:
+                    command = decode_meta_command(entry.data)
+                except ValueError as error:
+                    raise AssertionError(f"meta entry {entry.index}: {error}") from error
+                result = self._apply_one(txn, command)
             results.append(result)
         if entries:
             txn.put(_APPLIED_KEY, entries[-1].index.to_bytes(8, "big"), db=self._db)
         return results
+
+    def _apply_one(self, txn: Any, command: MetaCommand) -> object:
+        if isinstance(command, User):
+            self._put_user(txn, command)
+            return "ok"
+        if isinstance(command, DeleteUser):
+            return self._delete_user(txn, command.name)
+        return self._apply_map_command(txn, command)
+
+    def _apply_map_command(self, txn: Any, command: ShardMap | MapChange) -> KeyVersion | Failed:
+        # The map as of this txn, not self._map: apply may be re-run on a retried txn.
+        raw = txn.get(_MAP_KEY, db=self._db)
+        current = ShardMap.decode(raw) if raw else None
+        if isinstance(command, ShardMap):
+            new_map = command
+        elif current is None:
+            raise AssertionError("a map change reached a meta group with no map")
+        else:
+            try:
+                new_map = apply_change(current, command)
+            except ChangeRefused as error:
+                return Failed(FAILED_PRECONDITION, str(error), current.epoch)
+        # Deterministic: only a newer epoch replaces the map.
+        if current is None or new_map.epoch > current.epoch:
+            txn.put(_MAP_KEY, new_map.encode(), db=self._db)
+            current = new_map
+        self._map = current
+        return KeyVersion(SHARD_MAP_KEY, current.epoch)
 
     def snapshot(self) -> bytes:
         if self._map is None:

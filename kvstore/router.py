@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import msgpack
 
 from kvstore.auth import User
+from kvstore.balancer import plan_changes
 from kvstore.commands import (
     FAILED_INVALID,
     FAILED_NOT_FOUND,
@@ -33,6 +34,7 @@ from kvstore.commands import (
     PutBatch,
     Txn,
     decode_command,
+    decode_outcome,
     encode_command,
 )
 from kvstore.errors import (
@@ -85,7 +87,7 @@ from kvstore.service import (
 from kvstore.sharding import META_GROUP_ID, ShardMap, ShardSpec
 from kvstore.state_machine import CorruptValueError, KVStateMachine
 from raft.core.errors import NotLeader, ProposalDropped
-from raft.core.types import NO_NODE, NodeId
+from raft.core.types import NO_NODE, NodeId, node_of
 from raft.runtime.host import OutcomeUnknown as RaftOutcomeUnknown
 from raft.runtime.host import RaftHost
 
@@ -289,9 +291,9 @@ class Router:
         scans: Counter[NodeId] = Counter()
         chosen: dict[int, NodeId] = {}
         for shard in shards:
-            leader = self._host.leader_id(shard.id) if self._host.has_group(shard.id) else NO_NODE
+            leader = self._leader_node(shard.id)
             node = min(
-                shard.replicas,
+                (node_of(replica) for replica in shard.replicas),
                 key=lambda n: (scans[n], n != leader, n != self.node_id, n),
             )
             scans[node] += 1
@@ -419,14 +421,14 @@ class Router:
         leads = self._host.has_group(shard_id) and self._host.is_leader(shard_id)
         any_replica = consistency is Consistency.STALE or follower
         if not leads and not (any_replica and shard_id in self._shards):
-            hint = self._host.leader_id(shard_id) if self._host.has_group(shard_id) else NO_NODE
+            hint = self._leader_node(shard_id)
             raise NotLeaderHere(f"node {self.node_id} does not lead shard {shard_id}", hint)
         try:
             return await asyncio.wait_for(
                 self._shard_events(plan, budget, follower), self._timeout_s
             )
         except NotLeader as error:
-            raise NotLeaderHere(str(error), error.leader_hint) from error
+            raise NotLeaderHere(str(error), node_of(error.leader_hint)) from error
         except TimeoutError:
             raise ShardUnavailable(
                 f"shard {shard_id} could not confirm a read point within {self._timeout_s:.0f}s"
@@ -479,8 +481,8 @@ class Router:
         ctx = RequestContext()
         return await self._read(shard, Consistency.LINEARIZABLE, ctx, "snapshot", b"", _same)
 
-    async def cluster_status(self) -> dict[str, Any]:
-        shard_map = self.shard_map
+    async def node_statuses(self, shard_map: ShardMap) -> dict[NodeId, dict[str, Any] | None]:
+        """Every node's local Raft status (None: it did not answer within a second)."""
 
         async def node_status(node_id: NodeId) -> tuple[NodeId, dict[str, Any] | None]:
             if node_id == self.node_id:
@@ -492,13 +494,18 @@ class Router:
             except Exception:
                 return node_id, None
 
-        answers = dict(await asyncio.gather(*(node_status(n.id) for n in shard_map.nodes)))
+        return dict(await asyncio.gather(*(node_status(n.id) for n in shard_map.nodes)))
+
+    async def cluster_status(self) -> dict[str, Any]:
+        shard_map = self.shard_map
+        answers = await self.node_statuses(shard_map)
         shards = []
         healthy = True
         for shard in shard_map.shards:
             replicas = []
             leader, term = NO_NODE, 0
-            for node_id in shard.replicas:
+            for replica in shard.replicas:
+                node_id = node_of(replica)
                 status = (answers.get(node_id) or {}).get("groups", {}).get(str(shard.id))
                 if status is None:
                     replicas.append({"node": node_id, "reachable": False})
@@ -512,7 +519,9 @@ class Router:
                     "id": shard.id,
                     "start_token": shard.start_token,
                     "end_token": shard.end_token,
-                    "replicas": list(shard.replicas),
+                    "replicas": [node_of(replica) for replica in shard.replicas],
+                    "replica_ids": list(shard.replicas),
+                    "preferred_leader": node_of(shard.replicas[0]),
                     "leader": leader,
                     "term": term,
                     "replica_status": replicas,
@@ -524,14 +533,34 @@ class Router:
                 "client_url": n.client_url,
                 "peer_address": f"{n.peer_address[0]}:{n.peer_address[1]}",
                 "reachable": answers.get(n.id) is not None,
+                "draining": n.draining,
+                "down": n.down,
+                "replicas": sum(1 for shard in shard_map.shards_on(n.id)),
+                "leads": sum(1 for shard in shards if shard["leader"] == n.id),
             }
             for n in shard_map.nodes
+        ]
+        moves = [
+            {
+                "group": move.group,
+                "from_node": node_of(move.leaving),
+                "to_node": node_of(move.joining),
+                "from_replica": move.leaving,
+                "to_replica": move.joining,
+            }
+            for move in shard_map.moves
         ]
         return {
             "cluster_id": "pyraftkv",
             "epoch": shard_map.epoch,
             "nodes": nodes,
             "shards": shards,
+            "moves": moves,
+            "meta_voters": [node_of(replica) for replica in shard_map.meta_voters],
+            # No move in progress or planned, and every shard led by its preferred leader.
+            "balanced": not shard_map.moves
+            and not plan_changes(shard_map, max_moves=1)
+            and all(shard["leader"] == shard["preferred_leader"] for shard in shards),
             "healthy": healthy and all(n["reachable"] for n in nodes),
         }
 
@@ -570,7 +599,8 @@ class Router:
         """Fetch the shard map from the metadata group's members; adopt the newest. Returns
         whether ours changed."""
         shard_map = self.shard_map
-        urls = [self._url_of(voter) for voter in shard_map.meta_voters if voter != self.node_id]
+        voters = [node_of(replica) for replica in shard_map.meta_voters]
+        urls = [self._url_of(node) for node in voters if node != self.node_id]
 
         async def fetch(url: str) -> ShardMap | None:
             try:
@@ -593,7 +623,10 @@ class Router:
             groups[str(group_id)] = {
                 "role": status.role,
                 "term": status.term,
-                "leader": status.leader_id,
+                "leader": node_of(status.leader_id),
+                "replica_id": self._host.replica_id(group_id),
+                "voters": list(status.voters),
+                "learners": list(status.learners),
                 "commit_index": status.commit_index,
                 "applied_index": status.applied_index,
                 "last_index": status.last_index,
@@ -607,6 +640,8 @@ class Router:
     ) -> object:
         """Run a command on the shard's leader; returns its outcome or raises its failure
         (returns it, when not raise_failure)."""
+        if shard_id == META_GROUP_ID:
+            return await self.propose_meta(command, ctx)
         outcome = await self._on_leader(
             self.shard_map.shard(shard_id),
             ctx,
@@ -620,23 +655,28 @@ class Router:
             raise outcome.to_error()
         return outcome
 
-    async def propose_meta(self, command: bytes, ctx: RequestContext) -> object:
-        """Run a command on the metadata group's leader; returns its apply result."""
-        voters = self.shard_map.meta_voters
-        # A stand-in spec so _on_leader can find the meta leader as it finds a shard's.
-        meta_group = ShardSpec(META_GROUP_ID, 0, 1, voters)
-        return await self._on_leader(
-            meta_group,
+    async def propose_meta(
+        self, command: bytes, ctx: RequestContext, *, raise_failure: bool = True
+    ) -> object:
+        """Run a command on the metadata group's leader; returns its apply result: a user
+        command's str, or a map change's KeyVersion (the new epoch), or raises its Failed
+        (returns it, when not raise_failure)."""
+        outcome = await self._on_leader(
+            self.shard_map.group(META_GROUP_ID),
             ctx,
             lambda: self._propose_here(META_GROUP_ID, command),
             lambda url, hops, timeout_s: self._forward_meta(url, command, hops, timeout_s),
             may_retry_remote=False,
         )
+        if raise_failure and isinstance(outcome, Failed):
+            raise outcome.to_error()
+        return outcome
 
     async def _forward_meta(self, url: str, command: bytes, hops: int, timeout_s: float) -> object:
-        return msgpack.unpackb(
-            await self._forward_command(url, META_GROUP_ID, command, hops, timeout_s)
-        )
+        payload = await self._forward_command(url, META_GROUP_ID, command, hops, timeout_s)
+        result = msgpack.unpackb(payload)
+        # A user command answers a scalar; a map change an encoded outcome (a list).
+        return decode_outcome(payload) if isinstance(result, list) else result
 
     async def _forward_command(
         self, url: str, group_id: int, command: bytes, hops: int, timeout_s: float
@@ -672,8 +712,6 @@ class Router:
     async def _forward_propose(
         self, url: str, shard_id: int, command: bytes, hops: int, timeout_s: float
     ) -> object:
-        from kvstore.commands import decode_outcome
-
         return decode_outcome(await self._forward_command(url, shard_id, command, hops, timeout_s))
 
     # ------------------------------------------------------------------ reads
@@ -768,7 +806,8 @@ class Router:
                 check_meta_command(command)
             except ValueError as error:
                 raise InvalidRequest(str(error)) from error
-            return await self.propose_meta(command, RequestContext(hops=hops))
+            ctx = RequestContext(hops=hops)
+            return await self.propose_meta(command, ctx, raise_failure=False)
         try:
             decode_command(command)  # refuse garbage before it takes a slot in the Raft log
         except ValueError as error:
@@ -829,7 +868,7 @@ class Router:
                         last_problem = f"node {target} is unreachable"
                     except StaleShardMap:
                         await self.refresh_map()  # then retry with the fresh replicas
-                        shard = self.shard_map.shard(shard.id)
+                        shard = self.shard_map.group(shard.id)
                         last_problem = "our shard map was stale"
                     except ShardUnavailable as error:
                         last_problem = error.message
@@ -840,7 +879,7 @@ class Router:
                 elif ctx.hops >= MAX_HOPS:
                     raise NotLeaderHere(
                         f"node {self.node_id} does not lead shard {shard.id}",
-                        host.leader_id(shard.id) if local else NO_NODE,
+                        self._leader_node(shard.id) if local else NO_NODE,
                     )
             pause = _RETRY_PAUSE_S[min(attempt, len(_RETRY_PAUSE_S) - 1)]
             await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0)))
@@ -850,15 +889,21 @@ class Router:
             retry_after_s=1,
         )
 
+    def _leader_node(self, shard_id: int) -> NodeId:
+        """The node whose replica leads the shard, as far as this node's replica knows."""
+        if not self._host.has_group(shard_id):
+            return NO_NODE
+        return node_of(self._host.leader_id(shard_id))
+
     def _pick_target(self, shard: ShardSpec, hint: NodeId, local: bool, attempt: int) -> NodeId:
         if local:
-            leader = self._host.leader_id(shard.id)
+            leader = self._leader_node(shard.id)
             if leader not in (NO_NODE, self.node_id):
                 return leader
             return NO_NODE  # no leader known yet: wait for the election
         if hint != NO_NODE:
             return hint
-        others = [node for node in shard.replicas if node != self.node_id]
+        others = [node_of(r) for r in shard.replicas if node_of(r) != self.node_id]
         return others[attempt % len(others)] if others else NO_NODE
 
 

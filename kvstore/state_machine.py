@@ -17,6 +17,7 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
+from typing import Any
 
 import lmdb
 import xxhash
@@ -119,6 +120,29 @@ def _seal(
 
 
 @dataclass(frozen=True, slots=True)
+class KVDatabases:
+    """The kv.* database handles. Open them once, before the Raft host runs: env.open_db
+    holds the GIL while it waits for LMDB's write lock, so opening one while the host's
+    thread writes deadlocks the process."""
+
+    data: Any
+    meta: Any
+    idem: Any
+    idem_by_index: Any
+    checks: Any
+
+    @classmethod
+    def open(cls, env: lmdb.Environment) -> KVDatabases:
+        return cls(
+            env.open_db(_DATA_DB),
+            env.open_db(_META_DB),
+            env.open_db(_IDEM_DB),
+            env.open_db(_IDEM_BY_INDEX_DB),
+            env.open_db(_CHECK_DB),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ReadView:
     """One shard as of one LMDB read transaction: every row at exactly `applied_index`."""
 
@@ -146,6 +170,7 @@ class KVStateMachine:
         shard_id: int,
         *,
         idempotency_window_entries: int = 100_000,
+        dbs: KVDatabases | None = None,  # required once the Raft host runs: see KVDatabases
         cipher: ValueCipher | None = None,
     ) -> None:
         if not 0 <= shard_id <= _MAX_U64:
@@ -157,11 +182,12 @@ class KVStateMachine:
         self._env = env
         self._prefix = _SHARD.pack(shard_id)
         self._cipher = cipher  # None: new values are stored in the clear
-        self._data = env.open_db(_DATA_DB)
-        self._meta = env.open_db(_META_DB)
-        self._idem = env.open_db(_IDEM_DB)
-        self._idem_by_index = env.open_db(_IDEM_BY_INDEX_DB)
-        self._checks = env.open_db(_CHECK_DB)
+        dbs = dbs or KVDatabases.open(env)
+        self._data = dbs.data
+        self._meta = dbs.meta
+        self._idem = dbs.idem
+        self._idem_by_index = dbs.idem_by_index
+        self._checks = dbs.checks
 
     # ------------------------------------------------------------------ StateMachine
 
@@ -219,6 +245,14 @@ class KVStateMachine:
             txn.put(_stored_key(prefix, key), self._seal(key, index, outcome), db=self._idem)
             txn.put(prefix + _INDEX.pack(index), key, db=self._idem_by_index)
         self._write_meta(txn, snapshot.meta.index, len(data))
+
+    def clear(self) -> None:
+        """Delete this shard's whole state on this node (its replica left), so a later replica
+        of the shard here starts empty, as a new replica id must."""
+        with self._env.begin(write=True) as txn:
+            for db in (self._data, self._idem, self._idem_by_index, self._checks):
+                _delete_range(txn.cursor(db=db), self._prefix)
+            txn.delete(self._prefix, db=self._meta)
 
     # ------------------------------------------------------------------ reads
 

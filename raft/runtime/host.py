@@ -23,7 +23,8 @@ from raft.core.config import RaftConfig
 from raft.core.errors import NotLeader, ProposalDropped, RaftError
 from raft.core.messages import ConfChange, ConfState, Entry, Message, Ready, Snapshot
 from raft.core.node import RaftNode
-from raft.core.types import NO_NODE, LogIndex, NodeId, Term
+from raft.core.progress import ProgressState
+from raft.core.types import NO_NODE, LogIndex, NodeId, Term, node_of
 from raft.storage.lmdb_log import GroupId, GroupWrite, LmdbLogStore
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,9 @@ class HostConfig:
     snapshot_chunk_bytes: int = 1 << 20
     snapshot_every_entries: int = 10_000  # compact a group's log once this many are applied
 
-    def raft_config(self) -> RaftConfig:
+    def raft_config(self, replica_id: NodeId) -> RaftConfig:
         return RaftConfig(
-            node_id=self.node_id,
+            node_id=replica_id,
             election_timeout_ticks=self.election_timeout_ticks,
             heartbeat_interval_ticks=self.heartbeat_interval_ticks,
             max_inflight_messages=self.max_inflight_messages,
@@ -125,6 +126,7 @@ class _Group:
     reads: dict[bytes, asyncio.Future[None]] = field(default_factory=dict)  # ReadIndex asked
     reads_to_apply: list[tuple[LogIndex, asyncio.Future[None]]] = field(default_factory=list)
     snapshot_index: LogIndex = LogIndex(0)
+    snapshot_wanted: bool = False  # compact at the next chance, whatever the log's length
     # The application found this replica's state corrupt: it keeps voting and replicating
     # (its log is sound) but never leads again; a leader hands leadership to a peer.
     is_quarantined: bool = False
@@ -162,10 +164,20 @@ class RaftHost:
 
     # ------------------------------------------------------------------ lifecycle
     def add_group(
-        self, group_id: int, state_machine: StateMachine, *, bootstrap: ConfState | None = None
+        self,
+        group_id: int,
+        state_machine: StateMachine,
+        *,
+        bootstrap: ConfState | None = None,
+        replica_id: NodeId | None = None,
     ) -> None:
         """Start a replica of group_id here. `bootstrap` gives the membership of a brand-new
-        group; a replica joining an existing group starts empty and learns it from the leader."""
+        group; a replica joining an existing group starts empty and learns it from the leader.
+        `replica_id` is its member id in the group (default: this node's id); its node bits
+        must be this node's."""
+        member = self.config.node_id if replica_id is None else replica_id
+        if node_of(member) != self.config.node_id:
+            raise ValueError(f"replica {member} does not belong on node {self.config.node_id}")
         gid = GroupId(group_id)
         if gid in self._groups:
             raise ValueError(f"group {group_id} already runs on node {self.config.node_id}")
@@ -174,7 +186,7 @@ class RaftHost:
         storage = self._store.group(gid)
         applied = state_machine.applied_index()
         node = RaftNode(
-            self.config.raft_config(),
+            self.config.raft_config(member),
             storage,
             self._new_rng(),
             applied=applied,
@@ -253,6 +265,16 @@ class RaftHost:
             is_quarantined=self._group(group_id).is_quarantined,
         )
 
+    def replica_id(self, group_id: int) -> NodeId:
+        """This node's member id in the group."""
+        return self._group(group_id).node.id
+
+    def is_caught_up(self, group_id: int, member: NodeId) -> bool:
+        """Leader only: `member` answered recently, has no snapshot in flight and holds
+        every committed entry: safe to promote, or to hand leadership to. (Not "REPLICATE":
+        a follower that never needed an append since a probe stays in PROBE, caught up.)"""
+        return _is_caught_up(self._group(group_id).node, member)
+
     def leader_id(self, group_id: int) -> NodeId:
         return self._group(group_id).node.leader_id
 
@@ -290,6 +312,18 @@ class RaftHost:
         self._wake.set()
         await future
 
+    async def compact(self, group_id: int, *, timeout_s: float = 5.0) -> None:
+        """Take a snapshot of what the group applied now and compact the log behind it, so a
+        replica that joins later starts from a snapshot rather than replaying the log."""
+        group = self._group(group_id)
+        target = group.node.last_applied
+        deadline = time.monotonic() + timeout_s
+        while group.snapshot_index < target:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"group {group_id} did not compact to {target}")
+            group.snapshot_wanted = True  # taken after the group's next Ready (a heartbeat)
+            await asyncio.sleep(0.02)
+
     def quarantine(self, group_id: int) -> None:
         """This replica must stop leading group_id for good (until the process restarts): it
         never campaigns again, and if it leads it hands leadership to another voter."""
@@ -301,15 +335,12 @@ class RaftHost:
     def is_quarantined(self, group_id: int) -> bool:
         return self._group(group_id).is_quarantined
 
-    def transfer_leader(self, group_id: int, target: NodeId) -> None:
-        self._group(group_id).node.transfer_leader(target)
-        self._wake.set()
-
     def request_leader_transfer(self, group_id: int, target: NodeId) -> None:
-        """Hand leadership to `target` at the next iteration, but only if we lead, it is a voter
-        we heard from this election timeout, and it has our whole log: then the transfer ends
-        within a round trip, and a dead or lagging target never stalls proposals (which a
-        transfer in progress refuses) for an election timeout."""
+        """Hand leadership to `target` at the next iteration, but only if we lead and it is a
+        caught-up voter (`is_caught_up`): then the transfer ends within a round trip or so, and
+        a dead or lagging target never stalls proposals (which a transfer in progress refuses)
+        for an election timeout. Best effort: the caller asks again if nothing happened. Taken
+        by the loop, like a proposal: the core takes no input while a Ready is persisted."""
         self._group(group_id).transfer_wanted_to = target
         self._wake.set()
 
@@ -318,13 +349,7 @@ class RaftHost:
         node = group.node
         if not node.is_leader or node.lead_transferee != NO_NODE or target == node.leader_id:
             return
-        progress = node.progress(target)
-        if (
-            progress is None
-            or target not in node.conf.voters
-            or not progress.recent_active
-            or progress.match_index != node.log.last_index()
-        ):
+        if target not in node.conf.voters or not _is_caught_up(node, target):
             return
         node.transfer_leader(target)
 
@@ -416,7 +441,7 @@ class RaftHost:
         """A quarantined leader asks each other voter in turn to take over, one election
         timeout each (the core abandons a transfer that long)."""
         node = group.node
-        others = sorted(voter for voter in node.conf.voters if voter != self.config.node_id)
+        others = sorted(voter for voter in node.conf.voters if voter != node.id)
         if not node.is_leader or not others:
             return
         turn = group.quarantine_ticks // self.config.election_timeout_ticks
@@ -562,7 +587,10 @@ class RaftHost:
     def _maybe_snapshot(self, group: _Group) -> None:
         node = group.node
         applied = node.last_applied
-        if applied - group.snapshot_index < self.config.snapshot_every_entries:
+        wanted, group.snapshot_wanted = group.snapshot_wanted, False
+        if applied <= group.snapshot_index:
+            return
+        if not wanted and applied - group.snapshot_index < self.config.snapshot_every_entries:
             return
         data = group.state_machine.snapshot()
         self._store.create_snapshot(group.id, applied, node.conf_at(applied), data)
@@ -582,3 +610,13 @@ class RaftHost:
         group.reads.clear()
         group.reads_new.clear()
         group.reads_to_apply.clear()
+
+
+def _is_caught_up(node: RaftNode, member: NodeId) -> bool:
+    progress = node.progress(member)
+    return (
+        progress is not None
+        and progress.recent_active
+        and progress.state is not ProgressState.SNAPSHOT
+        and progress.match_index >= node.commit_index
+    )

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from raft.core.messages import Message
-from raft.core.types import NodeId
+from raft.core.types import NodeId, node_of
 from raft.runtime.codec import FrameError, decode_batch, encode_batch
 
 logger = logging.getLogger(__name__)
@@ -228,9 +228,10 @@ class TcpTransport:
         """Buffers messages for their recipients until the next flush(); never blocks or raises."""
         peers = self._peers
         for message in messages:
-            peer = peers.get(message.recipient)
+            node = node_of(message.recipient)  # a replica id's node: see raft.core.types
+            peer = peers.get(node)
             if peer is None:
-                self._note_unknown_recipient(message.recipient)
+                self._note_unknown_recipient(node)
                 continue
             if not peer.pending:
                 self._dirty.append(peer)

@@ -170,7 +170,7 @@ def test_cluster_up_writes_configs_and_cluster_json_and_down_stops_every_node(da
         assert config["cluster"]["shards"] == 4
         assert len(config["cluster"]["nodes"]) == 3
         assert node["argv"] == [sys.executable, str(FAKE_NODE), "--config", str(config_path)]
-        assert node["env"] == {"PYTHONUNBUFFERED": "1"}
+        assert node["env"] == {"PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
         assert processes.is_running(processes.NodeProcess(node["pid"], config_path))
         log = config_path.parent / "node.log"  # ready means one node answered, not all yet
         wait_for(f"{log} to show the node serving", lambda log=log: "serving" in log.read_text())

@@ -38,6 +38,7 @@ class KVCluster:
         shards: int = 4,
         replication: int = 3,
         *,
+        elastic: dict[str, float] | None = None,
         tls: bool = False,
         auth: bool = False,
         encrypt: bool = False,
@@ -45,7 +46,15 @@ class KVCluster:
         self.data_dir = data_dir
         result = launcher.start_cluster(
             launcher.UpRequest(
-                data_dir, nodes, shards, replication, None, tls=tls, auth=auth, encrypt=encrypt
+                data_dir,
+                nodes,
+                shards,
+                replication,
+                None,
+                elastic=elastic,
+                tls=tls,
+                auth=auth,
+                encrypt=encrypt,
             )
         )
         self.record: ClusterRecord = result.record
@@ -86,6 +95,21 @@ class KVCluster:
 
     def stop(self) -> None:
         launcher.stop_cluster(self.data_dir)
+
+    def restart(self, node_id: int) -> None:
+        launcher.restart_node(self.data_dir, node_id)
+        self.record = launcher.load_cluster(self.data_dir)
+
+    def add_node(self) -> int:
+        """Starts a new node and joins it (as `kvctl node add`); returns its id."""
+        node = launcher.add_node(self.data_dir)
+        self.record = launcher.load_cluster(self.data_dir)
+        return node.id
+
+    def forget_node(self, node_id: int) -> None:
+        """Stops a node that has left the cluster and drops it from the record."""
+        launcher.forget_node(self.data_dir, node_id)
+        self.record = launcher.load_cluster(self.data_dir)
 
     @property
     def node_ids(self) -> list[int]:

@@ -1,14 +1,19 @@
 """An in-memory AdminService for HTTP tests of kvstore.admin_api: shard 1 and 2 exist; a
-"backup" of shard N is b"backup-of-N" followed by its data."""
+"backup" of shard N is b"backup-of-N" followed by its data. And a meta proposer that records
+the shard map changes the membership routes propose."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from kvstore.admin_api import ShardBackup, ShardRestored
 from kvstore.errors import InvalidRequest, NotFound, PreconditionFailed
-from kvstore.service import Limits
+from kvstore.map_changes import MapChange, decode_change
+from kvstore.service import KeyVersion, Limits, RequestContext
+from kvstore.sharding import META_GROUP_ID
 
 SHARDS = (1, 2)
 
@@ -47,3 +52,18 @@ class FakeAdminService:
     def _exists(self, shard_id: int) -> None:
         if shard_id not in self.data:
             raise NotFound(f"shard {shard_id} does not exist")
+
+
+@dataclass
+class RecordingMetaProposer:
+    changes: list[MapChange] = field(default_factory=list)
+    refuse: bool = False  # answer every change as the meta group refusing it
+
+    async def propose(self, shard_id: int, command: bytes, ctx: RequestContext) -> object:
+        if shard_id != META_GROUP_ID:
+            raise AssertionError(f"a membership change went to group {shard_id}")
+        tag, *fields = msgpack.unpackb(command)
+        self.changes.append(decode_change(tag, fields))
+        if self.refuse:
+            raise PreconditionFailed("node 4 is already in the cluster", 7)
+        return KeyVersion("(shard map)", 8)

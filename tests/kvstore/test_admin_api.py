@@ -1,7 +1,9 @@
-"""The /v1/admin/* routes over a fake AdminService: status codes, headers, JSON errors."""
+"""The /v1/admin/* routes over a fake AdminService and a recording meta proposer: status codes,
+headers, JSON errors; a membership request becomes one shard map change."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -10,7 +12,10 @@ from prometheus_client import CollectorRegistry
 
 from kvstore.admin_api import add_admin_routes
 from kvstore.http_api import create_app
-from tests.kvstore.fake_admin import FakeAdminService
+from kvstore.map_changes import AddNode, DrainNode
+from kvstore.sharding import NodeInfo
+from raft.core.types import NodeId
+from tests.kvstore.fake_admin import FakeAdminService, RecordingMetaProposer
 from tests.kvstore.fake_service import FakeKVService
 
 
@@ -20,9 +25,16 @@ def admin() -> FakeAdminService:
 
 
 @pytest.fixture
-async def client(admin: FakeAdminService) -> AsyncIterator[TestClient]:
+def proposer() -> RecordingMetaProposer:
+    return RecordingMetaProposer()
+
+
+@pytest.fixture
+async def client(
+    admin: FakeAdminService, proposer: RecordingMetaProposer
+) -> AsyncIterator[TestClient]:
     app = create_app(FakeKVService(), registry=CollectorRegistry())
-    add_admin_routes(app, admin)
+    add_admin_routes(app, admin, proposer)
     async with TestClient(TestServer(app)) as test_client:
         yield test_client
 
@@ -84,3 +96,64 @@ async def test_a_backup_over_the_limit_is_refused_with_413(
     response = await client.put("/v1/admin/snapshot/1", data=b"backup-of-1" + b"x" * 100)
     assert response.status == 413
     assert (await response.json())["error"]["code"] == "payload_too_large"
+
+
+async def test_adding_a_node_proposes_it_and_answers_the_new_epoch(client, proposer):
+    body = {"id": 4, "client_url": "http://127.0.0.1:7004/", "peer_address": "127.0.0.1:7104"}
+    response = await client.post("/v1/admin/nodes", data=json.dumps(body))
+    assert response.status == 200
+    assert await response.json() == {"epoch": 8}
+    assert proposer.changes == [
+        AddNode(NodeInfo(NodeId(4), "http://127.0.0.1:7004", ("127.0.0.1", 7104)))
+    ]
+
+
+async def test_draining_a_node_proposes_it(client, proposer):
+    response = await client.post("/v1/admin/nodes/3/drain")
+    assert response.status == 200
+    assert proposer.changes == [DrainNode(NodeId(3))]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b'{"id": 4}',
+        b'{"id": 0, "client_url": "http://a:1", "peer_address": "a:2"}',
+        b'{"id": 70000, "client_url": "http://a:1", "peer_address": "a:2"}',
+        b'{"id": "4x", "client_url": "http://a:1", "peer_address": "a:2"}',
+        b'{"id": 4, "client_url": "ftp://a:1", "peer_address": "a:2"}',
+        b'{"id": 4, "client_url": "http://a:1", "peer_address": "a"}',
+        b'{"id": 4, "client_url": "http://a:1", "peer_address": "a:2", "x": 1}',
+    ],
+)
+async def test_a_malformed_node_is_a_json_400_and_proposes_nothing(client, proposer, body):
+    response = await client.post("/v1/admin/nodes", data=body)
+    assert response.status == 400
+    assert (await response.json())["error"]["code"] == "invalid_request"
+    assert proposer.changes == []
+
+
+@pytest.mark.parametrize("node_id", ["0", "x", "-1", "99999", "1.5"])
+async def test_a_bad_node_id_to_drain_is_a_json_400(client, proposer, node_id):
+    response = await client.post(f"/v1/admin/nodes/{node_id}/drain")
+    assert response.status == 400
+    assert (await response.json())["error"]["code"] == "invalid_request"
+    assert proposer.changes == []
+
+
+async def test_a_refused_change_is_a_412(client, proposer):
+    proposer.refuse = True
+    body = {"id": 4, "client_url": "http://a:1", "peer_address": "a:2"}
+    response = await client.post("/v1/admin/nodes", data=json.dumps(body))
+    assert response.status == 412
+    assert (await response.json())["error"]["code"] == "precondition_failed"
+
+
+async def test_a_node_description_over_the_limit_is_a_413(client, proposer):
+    response = await client.post("/v1/admin/nodes", data=b"{" + b" " * 5000 + b"}")
+    assert response.status == 413
+    assert (await response.json())["error"]["code"] == "payload_too_large"
+    assert proposer.changes == []

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from kvstore import errors
 from kvstore.admin_api import add_admin_routes
 from kvstore.http_api import create_app
-from tests.kvstore.fake_admin import FakeAdminService
+from tests.kvstore.fake_admin import FakeAdminService, RecordingMetaProposer
 from tests.kvstore.fake_service import FakeKVService
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
@@ -46,6 +46,8 @@ EXPECTED_ERRORS: dict[tuple[str, str], set[str]] = {
     ("GET", "/v1/auth/users"): {"500", "503"} | AUTHORIZED,
     ("POST", "/v1/auth/users"): {"400", "413"} | SERVICE_ERRORS | AUTHORIZED,
     ("DELETE", "/v1/auth/users/{name}"): {"400", "404"} | SERVICE_ERRORS | AUTHORIZED,
+    ("POST", "/v1/admin/nodes"): {"400", "412", "413"} | SERVICE_ERRORS | AUTHORIZED,
+    ("POST", "/v1/admin/nodes/{node_id}/drain"): {"400", "412"} | SERVICE_ERRORS | AUTHORIZED,
 }
 
 
@@ -76,7 +78,7 @@ def resolve(spec: dict[str, Any], node: Any) -> Any:
 
 def served_routes() -> set[tuple[str, str]]:
     app = create_app(FakeKVService(), registry=CollectorRegistry())
-    add_admin_routes(app, FakeAdminService())
+    add_admin_routes(app, FakeAdminService(), RecordingMetaProposer())
     return {
         (route.method, route.resource.canonical)
         for route in app.router.routes()

@@ -47,9 +47,9 @@ def test_placement_is_deterministic_and_spreads_leaders_and_replicas():
     first = initial_shard_map(nodes(5), 40, 3)
     assert first == initial_shard_map(list(reversed(nodes(5))), 40, 3)
     preferred = Counter(shard.replicas[0] for shard in first.shards)
-    assert set(preferred.values()) == {8}  # 40 shards, 5 nodes: 8 preferred leaderships each
+    assert max(preferred.values()) - min(preferred.values()) <= 2  # the balancer evens the rest
     replicas = Counter(node for shard in first.shards for node in shard.replicas)
-    assert max(replicas.values()) - min(replicas.values()) <= 12
+    assert set(replicas.values()) == {24}  # 120 replicas, 5 nodes
 
 
 def test_the_key_hash_is_stable_across_processes_and_versions():

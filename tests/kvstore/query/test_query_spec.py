@@ -148,7 +148,8 @@ def query_documents(draw):
     doc: dict = {}
     range_kind = draw(st.sampled_from(["none", "prefix", "start", "end", "both"]))
     if range_kind == "prefix":
-        doc["prefix"] = draw(st.text(max_size=3))
+        # No NUL: keys never hold one, so a key bound with one is refused (tested apart).
+        doc["prefix"] = draw(st.text(st.characters(blacklist_characters="\x00"), max_size=3))
     if range_kind in ("start", "both"):
         doc["start"] = "b"
     if range_kind in ("end", "both"):

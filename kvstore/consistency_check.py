@@ -143,6 +143,9 @@ class ConsistencyChecker:
         deadline = time.monotonic() + self._wait_s
         try:
             while True:
+                # The applied index first: a result committed after our look for it (a proposer
+                # hears its outcome before the commit) must not pass for one never stored.
+                applied = machine.applied_index()
                 result = machine.check_result(index)
                 if result is not None:
                     if result.corrupt_key is not None:
@@ -150,7 +153,7 @@ class ConsistencyChecker:
                             shard_id, result.corrupt_key, "found by a consistency check"
                         )
                     return replica_report(node, result)
-                if machine.applied_index() >= index:
+                if applied >= index:
                     return ReplicaReport(node, "missing")  # applied past it by a snapshot
                 if time.monotonic() >= deadline:
                     return ReplicaReport(node, "pending")

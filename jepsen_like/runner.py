@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,16 @@ async def _final_reads(clients: _Clients, session: aiohttp.ClientSession) -> Non
             await asyncio.sleep(0.5)
 
 
+def fresh_cluster_dir(out: Path) -> Path:
+    """The run's cluster directory, emptied: the checkers assume every key starts absent, so
+    nodes must not start on a previous run's data (its values read as impossible ones)."""
+    cluster_dir = out / "cluster"
+    if cluster_dir.exists():
+        print(f"jepsen_like: removing the previous run's cluster data in {cluster_dir}", flush=True)
+        shutil.rmtree(cluster_dir)
+    return cluster_dir
+
+
 async def run_test(config: RunConfig) -> RunResult:
     from jepsen_like.report import write_report  # matplotlib: only when a run reports
 
@@ -139,7 +150,7 @@ async def run_test(config: RunConfig) -> RunResult:
         flush=True,
     )
     with TestCluster(
-        out / "cluster",
+        fresh_cluster_dir(out),
         nodes=config.nodes,
         shards=config.shards,
         replication=min(config.replication, config.nodes),

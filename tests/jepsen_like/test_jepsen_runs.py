@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jepsen_like.runner import RunConfig, run_test
+from jepsen_like.runner import RunConfig, fresh_cluster_dir, run_test
 
 pytestmark = pytest.mark.e2e
 
@@ -72,3 +72,14 @@ async def test_a_bank_run_with_kills_and_partitions_sees_every_total(tmp_path: P
     assert result.verdict == "valid", bank
     assert bank["details"]["reads"] > 20
     assert bank["details"]["transfers_ok"] > 20
+
+
+def test_a_run_into_a_used_directory_starts_its_nodes_on_empty_data(tmp_path: Path):
+    # A second `make jepsen` once restarted the first run's nodes on their data: reads of old
+    # values that this run never wrote made a correct cluster look non-linearizable.
+    stale = tmp_path / "cluster" / "node1" / "lmdb"
+    stale.mkdir(parents=True)
+    (stale / "data.mdb").write_bytes(b"a previous run's registers")
+    cluster_dir = fresh_cluster_dir(tmp_path)
+    assert cluster_dir == tmp_path / "cluster"
+    assert not cluster_dir.exists()  # TestCluster creates it afresh

@@ -1,0 +1,143 @@
+"""SplitShard on real LMDB: the keys at or above the split token go to the child shard with
+their versions, every replica computes the same two halves, and afterwards each half refuses
+the other's keys as a stale map (the router refreshes it) rather than answering wrongly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from kvstore.commands import (
+    FAILED_INVALID,
+    FAILED_WRONG_SHARD,
+    Failed,
+    Put,
+    PutBatch,
+    SplitApplied,
+    SplitShard,
+    decode_command,
+    encode_command,
+)
+from kvstore.encryption import ValueCipher
+from kvstore.service import KeyVersion
+from kvstore.sharding import TOKEN_SPACE, key_token
+from kvstore.state_machine import KVStateMachine
+from tests.kvstore.test_state_machine import Driver, open_env
+
+PARENT = 3
+CHILD = 9
+SPLIT = TOKEN_SPACE // 2
+KEYS = [f"split/{i}" for i in range(60)]
+
+
+def written(env: lmdb.Environment, cipher: ValueCipher | None = None) -> Driver:
+    driver = Driver(env, KVStateMachine(env, PARENT, cipher=cipher))
+    driver.apply(*(Put(key, key.encode() * 2) for key in KEYS))
+    driver.apply(Put(KEYS[0], b"rewritten", idempotency_key="retry-me"))
+    return driver
+
+
+def test_a_split_command_round_trips_and_refuses_bad_fields():
+    command = SplitShard(CHILD, SPLIT)
+    assert decode_command(encode_command(command)) == command
+    for child, token in [(0, SPLIT), (CHILD, 0), (CHILD, TOKEN_SPACE), (True, SPLIT)]:
+        with pytest.raises(ValueError, match="must be an integer"):
+            SplitShard(child, token)
+
+
+def test_the_upper_half_moves_with_its_versions_and_nothing_is_lost(tmp_path: Path):
+    env = open_env(tmp_path / "replica")
+    driver = written(env)
+    before = {item.key: item for item in driver.machine.scan(limit=1000)}
+    (outcome,) = driver.apply(SplitShard(CHILD, SPLIT))
+    child = KVStateMachine(env, CHILD)
+    kept = {item.key: item for item in driver.machine.scan(limit=1000)}
+    moved = {item.key: item for item in child.scan(limit=1000)}
+    assert all(key_token(key) < SPLIT for key in kept)
+    assert all(key_token(key) >= SPLIT for key in moved)
+    assert kept | moved == before  # every key, value and version
+    assert moved
+    assert kept
+    assert outcome == SplitApplied(driver.next_index - 1, len(moved), len(kept))
+    assert driver.machine.token_range() == (0, SPLIT)
+    assert child.token_range() == (SPLIT, TOKEN_SPACE)
+    assert child.applied_index() == 0  # its own log starts empty; its data came with the split
+
+
+def test_every_replica_computes_the_same_halves(tmp_path: Path):
+    snapshots = []
+    for name in ("a", "b"):
+        env = open_env(tmp_path / name)
+        driver = written(env)
+        driver.apply(SplitShard(CHILD, SPLIT))
+        snapshots.append((driver.machine.snapshot(), KVStateMachine(env, CHILD).snapshot()))
+    assert snapshots[0] == snapshots[1]
+
+
+def test_after_a_split_each_half_refuses_the_others_keys_as_a_stale_map(tmp_path: Path):
+    env = open_env(tmp_path / "replica")
+    driver = written(env)
+    driver.apply(SplitShard(CHILD, SPLIT))
+    upper = next(key for key in KEYS if key_token(key) >= SPLIT)
+    lower = next(key for key in KEYS if key_token(key) < SPLIT)
+    refused, accepted, batch = driver.apply(
+        Put(upper, b"x"), Put(lower, b"y"), PutBatch(((lower, b"z"), (upper, b"z")))
+    )
+    assert isinstance(refused, Failed)
+    assert refused.code == FAILED_WRONG_SHARD
+    assert refused.to_error().code == "stale_shard_map"
+    assert isinstance(accepted, KeyVersion)
+    assert isinstance(batch, Failed)  # all or nothing: one key of the batch left
+    child = Driver(env, KVStateMachine(env, CHILD))
+    (child_refused, child_accepted) = child.apply(Put(lower, b"x"), Put(upper, b"w"))
+    assert isinstance(child_refused, Failed)
+    assert child_refused.code == FAILED_WRONG_SHARD
+    assert isinstance(child_accepted, KeyVersion)
+    assert child.machine.get(upper).value == b"w"
+
+
+def test_a_retried_write_finds_its_outcome_on_the_child_too(tmp_path: Path):
+    env = open_env(tmp_path / "replica")
+    driver = written(env)
+    (recorded,) = driver.apply(Put(KEYS[0], b"rewritten", idempotency_key="retry-me"))
+    driver.apply(SplitShard(CHILD, SPLIT))
+    child = Driver(env, KVStateMachine(env, CHILD))
+    if key_token(KEYS[0]) >= SPLIT:
+        (retried,) = child.apply(Put(KEYS[0], b"rewritten", idempotency_key="retry-me"))
+    else:
+        (retried,) = driver.apply(Put(KEYS[0], b"rewritten", idempotency_key="retry-me"))
+    assert retried == recorded
+
+
+def test_a_split_outside_the_shards_range_is_refused(tmp_path: Path):
+    env = open_env(tmp_path / "replica")
+    driver = written(env)
+    driver.apply(SplitShard(CHILD, SPLIT))
+    (again,) = driver.apply(SplitShard(CHILD + 1, SPLIT + 1))
+    assert isinstance(again, Failed)
+    assert again.code == FAILED_INVALID
+    assert driver.machine.token_range() == (0, SPLIT)
+
+
+def test_encrypted_values_are_sealed_anew_for_the_child(tmp_path: Path):
+    cipher = ValueCipher({"k1": os.urandom(32)}, "k1")
+    env = open_env(tmp_path / "replica")
+    driver = written(env, cipher)
+    driver.apply(SplitShard(CHILD, SPLIT))
+    child = KVStateMachine(env, CHILD, cipher=cipher)
+    moved = child.scan(limit=1000)
+    assert moved
+    assert all(item.value in (item.key.encode() * 2, b"rewritten") for item in moved)
+
+
+def test_clearing_the_child_forgets_its_range(tmp_path: Path):
+    env = open_env(tmp_path / "replica")
+    driver = written(env)
+    driver.apply(SplitShard(CHILD, SPLIT))
+    child = KVStateMachine(env, CHILD)
+    child.clear()
+    assert child.token_range() == (0, TOKEN_SPACE)
+    assert child.scan(limit=10) == []

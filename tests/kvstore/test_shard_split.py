@@ -8,8 +8,10 @@ import os
 from pathlib import Path
 
 import lmdb
+import msgpack
 import pytest
 
+from kvstore.balancer import founding_shard_map, plan_changes
 from kvstore.commands import (
     FAILED_INVALID,
     FAILED_WRONG_SHARD,
@@ -22,9 +24,20 @@ from kvstore.commands import (
     encode_command,
 )
 from kvstore.encryption import ValueCipher
+from kvstore.map_changes import (
+    AddNode,
+    ChangeRefused,
+    FinishSplit,
+    StartMove,
+    StartSplit,
+    apply_change,
+    decode_change,
+    encode_change,
+)
 from kvstore.service import KeyVersion
-from kvstore.sharding import TOKEN_SPACE, key_token
+from kvstore.sharding import TOKEN_SPACE, NodeInfo, ShardMap, ShardSpec, Split, key_token
 from kvstore.state_machine import KVStateMachine
+from raft.core.types import NodeId
 from tests.kvstore.test_state_machine import Driver, open_env
 
 PARENT = 3
@@ -141,3 +154,65 @@ def test_clearing_the_child_forgets_its_range(tmp_path: Path):
     child.clear()
     assert child.token_range() == (0, TOKEN_SPACE)
     assert child.scan(limit=10) == []
+
+
+# --- the shard map's side: StartSplit records the split, FinishSplit puts the child in ---
+
+
+def three_nodes() -> ShardMap:
+    nodes = [NodeInfo(NodeId(i), f"http://n{i}", ("127.0.0.1", 7000 + i)) for i in (1, 2, 3)]
+    return founding_shard_map(nodes, 4, 3)
+
+
+def test_a_split_runs_from_start_to_finish_in_the_map():
+    before = three_nodes()
+    parent = before.shard(2)
+    middle = (parent.start_token + parent.end_token) // 2
+    started = apply_change(before, StartSplit(2, middle))
+    (split,) = started.splits
+    assert split == Split(2, 5, middle)  # the next unused shard id
+    assert started.shards == before.shards  # routing is unchanged until the handover is done
+    finished = apply_change(started, FinishSplit(split))
+    assert finished.splits == ()
+    assert finished.epoch == before.epoch + 2
+    assert [s.id for s in finished.shards] == [1, 2, 5, 3, 4]  # the ring stays in token order
+    assert finished.shard(2) == ShardSpec(2, parent.start_token, middle, parent.replicas)
+    assert finished.shard(5) == ShardSpec(5, middle, parent.end_token, parent.replicas)
+    for key in KEYS:
+        old, new = before.shard_for_key(key), finished.shard_for_key(key)
+        assert new.id == old.id or (old.id, new.id) == (2, 5)
+    assert ShardMap.decode(finished.encode()) == finished
+    assert ShardMap.decode(started.encode()) == started
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        StartSplit(0, 5),  # the meta group
+        StartSplit(2, 0),  # not inside the shard's range
+        StartSplit(2, TOKEN_SPACE),
+        FinishSplit(Split(2, 5, 7)),  # never started
+    ],
+)
+def test_splits_that_cannot_be_are_refused(change):
+    with pytest.raises((ChangeRefused, KeyError)):
+        apply_change(three_nodes(), change)
+
+
+def test_a_shard_splits_or_moves_but_never_both_at_once():
+    shard_map = three_nodes()
+    parent = shard_map.shard(1)
+    middle = (parent.start_token + parent.end_token) // 2
+    splitting = apply_change(shard_map, StartSplit(1, middle))
+    with pytest.raises(ChangeRefused, match="being split"):
+        apply_change(splitting, StartMove(1, parent.replicas[0], NodeId(3)))
+    with pytest.raises(ChangeRefused, match="in progress"):
+        apply_change(splitting, StartSplit(1, middle + 1))
+    grown = apply_change(splitting, AddNode(NodeInfo(NodeId(4), "http://n4", ("127.0.0.1", 7004))))
+    assert all(change.group != 1 for change in plan_changes(grown, max_moves=10))
+
+
+def test_split_changes_round_trip_through_the_meta_log_codec():
+    for change in (StartSplit(2, 12345), FinishSplit(Split(2, 5, 12345))):
+        tag, *fields = msgpack.unpackb(encode_change(change))
+        assert decode_change(tag, fields) == change

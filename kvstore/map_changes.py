@@ -199,7 +199,8 @@ def _changed(shard_map: ShardMap, change: MapChange) -> ShardMap:
                 half for s in shard_map.shards for half in (halves if s.id == parent.id else (s,))
             )
             splits = tuple(x for x in shard_map.splits if x != split)
-            return replace(shard_map, shards=shards, splits=splits)
+            finished = (*shard_map.finished_splits, split)
+            return replace(shard_map, shards=shards, splits=splits, finished_splits=finished)
     raise AssertionError(f"unknown map change {change!r}")
 
 

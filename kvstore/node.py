@@ -111,7 +111,7 @@ class KVNode:
             self.shards,
             cipher=self._value_cipher(),
         )
-        self.mover = MoveExecutor(self.host, self.router)
+        self.mover = MoveExecutor(self.host, self.router, shards=self.shards)
         self.reconciler = Reconciler(
             self.host, self.router, down_after_s=config.down_after_s, max_moves=config.max_moves
         )

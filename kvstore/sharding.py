@@ -81,6 +81,9 @@ class ShardMap:
     moves: tuple[Move, ...] = ()  # in progress; at most one per group
     next_incarnation: int = 1  # the next new replica id's incarnation (never reused)
     splits: tuple[Split, ...] = ()  # in progress; at most one per shard, none with a move
+    # Every finished split, which tells a node whether a shard's data comes from a handover
+    # (LocalReplicas waits for its local parent to hand it over, or starts it empty).
+    finished_splits: tuple[Split, ...] = ()
     _starts: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -129,6 +132,10 @@ class ShardMap:
     def split_of(self, shard_id: int) -> Split | None:
         return next((split for split in self.splits if split.shard == shard_id), None)
 
+    def split_that_made(self, shard_id: int) -> Split | None:
+        """The finished split whose upper half `shard_id` is (None: a founding shard)."""
+        return next((x for x in self.finished_splits if x.child_id == shard_id), None)
+
     def move_of(self, group_id: int) -> Move | None:
         return next((move for move in self.moves if move.group == group_id), None)
 
@@ -165,6 +172,7 @@ class ShardMap:
                 [(m.group, m.leaving, m.joining) for m in self.moves],
                 self.next_incarnation,
                 [(x.shard, x.child_id, x.split_token) for x in self.splits],
+                [(x.shard, x.child_id, x.split_token) for x in self.finished_splits],
             )
         )
         return packed
@@ -172,9 +180,9 @@ class ShardMap:
     @classmethod
     def decode(cls, data: bytes) -> ShardMap:
         epoch, shards, nodes, meta_voters, *elastic = msgpack.unpackb(data)
-        # Maps from before moves have neither field; maps from before splits, no splits.
+        # Maps from before moves have neither field; maps from before splits, no split fields.
         moves, next_incarnation, *rest = elastic if elastic else ([], 1)
-        splits = rest[0] if rest else []
+        splits, finished = [*rest, [], []][:2]
         return cls(
             epoch=epoch,
             shards=tuple(
@@ -189,6 +197,7 @@ class ShardMap:
             moves=tuple(Move(g, NodeId(leaving), NodeId(joining)) for g, leaving, joining in moves),
             next_incarnation=next_incarnation,
             splits=tuple(Split(shard, child, token) for shard, child, token in splits),
+            finished_splits=tuple(Split(shard, child, token) for shard, child, token in finished),
         )
 
 

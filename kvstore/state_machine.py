@@ -56,7 +56,14 @@ from kvstore.service import (
     TxnOpResult,
     TxnResult,
 )
-from kvstore.shard_snapshot import content_digest, encode_shard_snapshot, parse_shard_snapshot
+from kvstore.shard_snapshot import (
+    Record,
+    TokenRange,
+    content_digest,
+    encode_shard_snapshot,
+    parse_shard_snapshot,
+    parse_shard_snapshot_with_range,
+)
 from kvstore.sharding import TOKEN_SPACE, key_token
 from raft.core.messages import Entry, EntryKind, Snapshot
 from raft.core.types import LogIndex
@@ -223,9 +230,11 @@ class KVStateMachine:
         return results
 
     def snapshot(self) -> bytes:
-        """Data, idempotency records and applied index, from one read transaction."""
+        """Data, idempotency records, applied index and (after a split) the token range, from
+        one read transaction."""
         with self._env.begin() as txn:
             applied, _ = self._read_meta(txn)
+            token_range = self._read_range(txn) if self._has_split(txn) else None
             data = list(self._records(txn.cursor(db=self._data), self._prefix))
             idem = []
             cursor = txn.cursor(db=self._idem)
@@ -234,13 +243,17 @@ class KVStateMachine:
                     if not stored.startswith(self._prefix):
                         break
                     idem.append(self._open(stored, raw))
-        return encode_shard_snapshot(self.shard_id, applied, data, idem)
+        return encode_shard_snapshot(self.shard_id, applied, data, idem, token_range)
 
     def restore(self, txn: lmdb.Transaction[bytes], snapshot: Snapshot) -> None:
         """Replace this shard's state (and only this shard's) by `snapshot`."""
-        data, idem = self._parse_snapshot(snapshot)
+        data, idem, token_range = self._parse_snapshot(snapshot)
         for db in (self._data, self._idem, self._idem_by_index):
             _delete_range(txn.cursor(db=db), self._prefix)
+        if token_range is None:
+            txn.delete(self._prefix + _RANGE_SUFFIX, db=self._meta)
+        else:
+            self._write_range(txn, *token_range)
         prefix = self._prefix
         txn.cursor(db=self._data).putmulti(
             [
@@ -508,6 +521,15 @@ class KVStateMachine:
         with self._env.begin(db=self._meta) as txn:
             return self._read_range(txn)
 
+    def has_split_range(self) -> bool:
+        """Whether this replica's range came from a split (its own, or the handover that
+        created it as a child), rather than being the shard map's founding range."""
+        with self._env.begin(db=self._meta) as txn:
+            return self._has_split(txn)
+
+    def _has_split(self, txn: lmdb.Transaction[bytes]) -> bool:
+        return txn.get(self._prefix + _RANGE_SUFFIX, db=self._meta) is not None
+
     def _read_range(self, txn: lmdb.Transaction[bytes]) -> tuple[int, int]:
         raw = txn.get(self._prefix + _RANGE_SUFFIX, db=self._meta)
         if raw is None:
@@ -572,11 +594,13 @@ class KVStateMachine:
 
     def _parse_snapshot(
         self, snapshot: Snapshot
-    ) -> tuple[list[tuple[bytes, int, bytes]], list[tuple[bytes, int, bytes]]]:
-        applied, data, idem = parse_shard_snapshot(snapshot.data, self.shard_id)
+    ) -> tuple[list[Record], list[Record], TokenRange | None]:
+        applied, data, idem, token_range = parse_shard_snapshot_with_range(
+            snapshot.data, self.shard_id
+        )
         if applied != snapshot.meta.index:
             raise ValueError(f"snapshot data is at index {applied}, not {snapshot.meta.index}")
-        return data, idem
+        return data, idem, token_range
 
 
 def _delete_range(cursor: lmdb.Cursor[bytes], prefix: bytes) -> None:
@@ -679,8 +703,15 @@ class _Batch:
             for stored, key, version, value in _records(machine, txn, machine._data)
             if key_token(key.decode()) >= split
         ]
-        for stored, key, version, value in moving:
+        for stored, _, _, _ in moving:
             txn.delete(stored, db=machine._data)
+        self.key_count -= len(moving)
+        machine._write_range(txn, start, split)
+        if child._has_split(txn):
+            # This replica of the child already exists (started empty and given a snapshot by
+            # the child's leader, while this parent replica lagged): it must not be overwritten.
+            return SplitApplied(index, len(moving), self.key_count)
+        for _, key, version, value in moving:
             txn.put(
                 _stored_key(child._prefix, key), child._seal(key, version, value), db=child._data
             )
@@ -693,8 +724,6 @@ class _Batch:
             txn.put(child._prefix + _INDEX.pack(entry_index), key, db=child._idem_by_index)
         child._write_meta(txn, 0, len(moving))
         child._write_range(txn, split, end)
-        machine._write_range(txn, start, split)
-        self.key_count -= len(moving)
         return SplitApplied(index, len(moving), self.key_count)
 
     def _restore(self, command: RestoreShard, index: int) -> Outcome:

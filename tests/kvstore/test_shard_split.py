@@ -37,7 +37,8 @@ from kvstore.map_changes import (
 from kvstore.service import KeyVersion
 from kvstore.sharding import TOKEN_SPACE, NodeInfo, ShardMap, ShardSpec, Split, key_token
 from kvstore.state_machine import KVStateMachine
-from raft.core.types import NodeId
+from raft.core.messages import Snapshot, SnapshotMeta
+from raft.core.types import LogIndex, NodeId
 from tests.kvstore.test_state_machine import Driver, open_env
 
 PARENT = 3
@@ -112,6 +113,43 @@ def test_after_a_split_each_half_refuses_the_others_keys_as_a_stale_map(tmp_path
     assert child.machine.get(upper).value == b"w"
 
 
+def test_snapshots_carry_each_halfs_range_to_a_replica_restored_from_them(tmp_path: Path):
+    env = open_env(tmp_path / "replica")
+    driver = written(env)
+    driver.apply(SplitShard(CHILD, SPLIT))
+    child = KVStateMachine(env, CHILD)
+    for machine, token_range in ((driver.machine, (0, SPLIT)), (child, (SPLIT, TOKEN_SPACE))):
+        other = open_env(tmp_path / f"restored-{machine.shard_id}")
+        restored = KVStateMachine(other, machine.shard_id)
+        index = machine.applied_index()
+        with other.begin(write=True) as txn:
+            restored.restore(txn, Snapshot(SnapshotMeta(LogIndex(index)), machine.snapshot()))
+        assert restored.token_range() == token_range
+        assert restored.has_split_range()
+        assert restored.data_hash() == machine.data_hash()
+
+
+def test_a_lagging_parent_does_not_overwrite_a_child_that_got_its_own_snapshot(tmp_path: Path):
+    source = open_env(tmp_path / "source")
+    ahead = written(source)
+    ahead.apply(SplitShard(CHILD, SPLIT))
+    ahead_child = Driver(source, KVStateMachine(source, CHILD))
+    (_, upper_key) = next((i, k) for i, k in enumerate(KEYS) if key_token(k) >= SPLIT)
+    ahead_child.apply(Put(upper_key, b"newer, on the child"))
+    lagging = open_env(tmp_path / "lagging")
+    behind = written(lagging)
+    child = KVStateMachine(lagging, CHILD)
+    with lagging.begin(write=True) as txn:  # the child's leader gave it a snapshot first
+        snapshot = ahead_child.machine.snapshot()
+        meta = SnapshotMeta(LogIndex(ahead_child.machine.applied_index()))
+        child.restore(txn, Snapshot(meta, snapshot))
+    (outcome,) = behind.apply(SplitShard(CHILD, SPLIT))
+    assert isinstance(outcome, SplitApplied)
+    assert child.get(upper_key).value == b"newer, on the child"
+    assert child.data_hash() == ahead_child.machine.data_hash()
+    assert behind.machine.data_hash() == ahead.machine.data_hash()
+
+
 def test_a_retried_write_finds_its_outcome_on_the_child_too(tmp_path: Path):
     env = open_env(tmp_path / "replica")
     driver = written(env)
@@ -174,6 +212,8 @@ def test_a_split_runs_from_start_to_finish_in_the_map():
     assert started.shards == before.shards  # routing is unchanged until the handover is done
     finished = apply_change(started, FinishSplit(split))
     assert finished.splits == ()
+    assert finished.split_that_made(5) == split  # how a node knows shard 5 came by handover
+    assert finished.split_that_made(2) is None
     assert finished.epoch == before.epoch + 2
     assert [s.id for s in finished.shards] == [1, 2, 5, 3, 4]  # the ring stays in token order
     assert finished.shard(2) == ShardSpec(2, parent.start_token, middle, parent.replicas)

@@ -712,6 +712,9 @@ class Router:
                 "last_index": status.last_index,
                 "quarantined": status.is_quarantined,
             }
+            machine = self._shards.get(group_id)
+            if machine is not None:  # what an automatic split looks at
+                groups[str(group_id)]["key_count"] = machine.count()
         return {"node": self.node_id, "groups": groups}
 
     # ------------------------------------------------------------------ writes

@@ -6,6 +6,7 @@ and version, every acknowledged write reads back, and a scan and a query return 
 from __future__ import annotations
 
 import json
+import os
 import random
 import threading
 import time
@@ -37,6 +38,7 @@ class Reader:
         self.cluster = cluster
         self.expected = expected
         self.reads = 0
+        self.unavailable = 0  # 503/504 answers: retried, counted
         self.failures: list[str] = []
         self._rng = random.Random(3)
         self._stop = threading.Event()
@@ -51,6 +53,7 @@ class Reader:
             except OSError:
                 continue  # a killed node: the next read asks another
             if response.status in (503, 504):
+                self.unavailable += 1
                 continue
             found = (response.body, int(response.headers.get("X-KV-Version", "0")))
             if response.status != 200 or found != self.expected[key]:
@@ -107,7 +110,7 @@ def queried_keys(cluster: KVCluster, node: int) -> list[str]:
 def test_a_shard_split_under_writes_keeps_every_key_and_version(
     tmp_path: Path, kill_mid_split: bool
 ):
-    rng = random.Random(17)
+    rng = random.Random(int(os.environ.get("SPLIT_TEST_SEED", "17")))
     cluster = KVCluster(tmp_path / "cluster", shards=2)
     try:
         expected = prefill(cluster)
@@ -128,6 +131,10 @@ def test_a_shard_split_under_writes_keeps_every_key_and_version(
 
             after = wait_for("the split to finish", split_done, SPLIT_DEADLINE_S)
             time.sleep(1.0)  # the reader and writer go on past the new map, briefly
+        print(
+            f"reads {reader.reads}, unavailable {reader.unavailable}, writer retries "
+            f"{writer.retries}, longest write gap {writer.longest_gap_s:.2f}s"
+        )
         assert reader.failures == [], reader.failures[:10]
         assert reader.reads > 20, "the reader made no progress"
         halves = sorted(after["shards"], key=lambda s: s["start_token"])[:2]
@@ -150,5 +157,31 @@ def test_a_shard_split_under_writes_keeps_every_key_and_version(
         ]
         assert len(upper_keys) > 30, len(upper_keys)
         assert len(lower_keys) > 30, len(lower_keys)
+    finally:
+        cluster.stop()
+
+
+def test_shards_past_the_key_threshold_split_by_themselves(tmp_path: Path):
+    split_keys = 100
+    cluster = KVCluster(tmp_path / "cluster", shards=2, elastic={"split_keys": split_keys})
+    try:
+        expected = prefill(cluster)  # 300 keys: about 150 a shard, so both split
+
+        def settled() -> dict[str, Any] | None:
+            status = status_of(cluster)
+            counts = [
+                max(r.get("key_count", 0) for r in shard["replica_status"])
+                for shard in status["shards"]
+            ]
+            done = not status["splits"] and all(shard["leader"] for shard in status["shards"])
+            return status if done and max(counts) <= split_keys else None
+
+        status = wait_for("every shard to be under the threshold", settled, SPLIT_DEADLINE_S)
+        assert len(status["shards"]) >= 4
+        node = cluster.node_ids[0]
+        for key, (value, version) in expected.items():
+            response = cluster.get(node, key)
+            assert (response.body, int(response.headers["X-KV-Version"])) == (value, version)
+        assert scanned_keys(cluster, node) == KEYS
     finally:
         cluster.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import msgpack
@@ -34,6 +35,7 @@ from kvstore.map_changes import (
     decode_change,
     encode_change,
 )
+from kvstore.reconciler import plan_splits
 from kvstore.service import KeyVersion
 from kvstore.sharding import TOKEN_SPACE, NodeInfo, ShardMap, ShardSpec, Split, key_token
 from kvstore.state_machine import KVStateMachine
@@ -256,3 +258,20 @@ def test_split_changes_round_trip_through_the_meta_log_codec():
     for change in (StartSplit(2, 12345), FinishSplit(Split(2, 5, 12345))):
         tag, *fields = msgpack.unpackb(encode_change(change))
         assert decode_change(tag, fields) == change
+
+
+def statuses_with(key_counts: dict[int, int]) -> dict[NodeId, dict[str, Any] | None]:
+    groups = {str(shard): {"key_count": count} for shard, count in key_counts.items()}
+    return {NodeId(1): {"groups": groups}, NodeId(2): None}  # node 2 did not answer
+
+
+def test_an_automatic_split_cuts_the_fullest_shard_over_the_threshold_at_its_middle():
+    shard_map = three_nodes()
+    fullest = shard_map.shard(3)
+    middle = (fullest.start_token + fullest.end_token) // 2
+    statuses = statuses_with({1: 150, 2: 90, 3: 400})
+    assert plan_splits(shard_map, statuses, split_keys=100) == [StartSplit(3, middle)]
+    assert plan_splits(shard_map, statuses, split_keys=0) == []  # off
+    assert plan_splits(shard_map, statuses, split_keys=500) == []
+    splitting = apply_change(shard_map, StartSplit(3, middle))
+    assert plan_splits(splitting, statuses, split_keys=100) == []  # one at a time

@@ -118,8 +118,13 @@ def test_a_shard_split_under_writes_keeps_every_key_and_version(
         parent = next(s for s in before["shards"] if s["start_token"] == 0)
         writer = Writer(cluster, seed=9)
         with writer.running(), Reader(cluster, expected).running() as reader:
-            code, out, err = cluster.kvctl("--json", "shard", "split", str(parent["id"]))
+            # With --wait kvctl returns once the map has the new shard; a kill -9 must land
+            # mid-split, so that variant does not wait.
+            wait = [] if kill_mid_split else ["--wait"]
+            code, out, err = cluster.kvctl("--json", "shard", "split", str(parent["id"]), *wait)
             assert code == 0, (out, err)
+            if not kill_mid_split:
+                assert json.loads(out)["child"] == 3, out  # the next unused shard id
             if kill_mid_split:
                 time.sleep(rng.uniform(0.0, 1.0))
                 kill_and_restart_soon(cluster, rng, spare=set())

@@ -87,8 +87,9 @@ class LocalReplicas:
         group_id = split.child_id
         handed_over = self._shards.get(group_id) or self._new_machine(group_id)
         if handed_over.has_split_range():  # as on the parent's other replicas: bootstrap
-            self._record(group_id, replica_id)
+            # Bootstrap first: a crash before the record then comes back to this same branch.
             self._add(group_id, replica_id, handed_over, voters)
+            self._record(group_id, replica_id)
         elif self._parent_still_holds(split):
             log.debug("group %d waits for shard %d's handover", group_id, split.shard)
         else:  # the local parent skipped the split (by a snapshot): a joiner's start

@@ -8,7 +8,8 @@ state belongs to, and wipes that state before hosting a different replica of the
 A shard made by a split (its upper half) starts from the data its local parent replica handed
 over, with the parent's replicas as voters; where the local parent has not applied the split
 yet it waits; where the parent skipped it (a snapshot from after the split) it starts empty and
-gets a snapshot from the new shard's leader (kvstore.moves compacts its log for that).
+gets a snapshot from the new shard's leader (each replica that got the handover compacts its
+log right after its bootstrap entries, before any election).
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ class LocalReplicas:
         if handed_over.has_split_range():  # as on the parent's other replicas: bootstrap
             # Bootstrap first: a crash before the record then comes back to this same branch.
             self._add(group_id, replica_id, handed_over, voters)
+            # Its data did not come through its log: a replica that starts empty (its parent
+            # skipped the split) must get a snapshot, never the log from index 1.
+            self._host.request_snapshot(group_id)
             self._record(group_id, replica_id)
         elif self._parent_still_holds(split):
             log.debug("group %d waits for shard %d's handover", group_id, split.shard)

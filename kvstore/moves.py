@@ -12,8 +12,6 @@ A joiner whose node was declared down before promotion is removed and the move a
 A shard being split (docs/architecture.md, "Shard split") is taken on the same way:
   the leader's replica still holds the upper half -> propose SplitShard in the shard's log
   it handed the upper half over                   -> record FinishSplit in the shard map
-and a replica whose range came from a split compacts its log once as leader, so a replica
-that starts empty later gets a snapshot rather than the log from index 1.
 
 A hand-off can be refused silently (a quarantined replica never campaigns), and a transfer in
 progress refuses the group's proposals for up to an election timeout; so a hand-off to the same
@@ -90,7 +88,6 @@ class MoveExecutor:
         self._clock = clock
         self._shards: Mapping[int, KVStateMachine] = shards if shards is not None else {}
         self._hand_offs: dict[int, _HandOff] = {}  # group -> the last hand-off asked, as leader
-        self._compacted_after_split: set[int] = set()  # groups compacted as leader since start
 
     async def run_once(self, shard_map: ShardMap) -> None:
         for group_id in self._host.group_ids():
@@ -100,7 +97,6 @@ class MoveExecutor:
             move = shard_map.move_of(group_id)
             split = shard_map.split_of(group_id)
             try:
-                await self._maybe_compact_after_split(group_id)
                 if move is not None:
                     await self._step(shard_map, move)
                 elif split is not None:
@@ -166,18 +162,6 @@ class MoveExecutor:
             log.info(
                 "shard %d: split done; shard %d holds its upper half", split.shard, split.child_id
             )
-
-    async def _maybe_compact_after_split(self, group_id: int) -> None:
-        machine = self._shards.get(group_id)
-        if (
-            machine is None
-            or group_id in self._compacted_after_split
-            or self._host.status(group_id).applied_index == 0
-            or not machine.has_split_range()
-        ):
-            return
-        await self._host.compact(group_id)
-        self._compacted_after_split.add(group_id)
 
     async def _remove_leaver(self, group: int, move: Move, members: set[NodeId]) -> None:
         """Once the joiner votes (or there is none): remove the leaver, then record it."""

@@ -155,3 +155,16 @@ def test_a_split_half_whose_local_parent_skipped_the_split_starts_empty(node: No
     node.replicas.sync(finished)
     assert node.host.has_group(child)
     assert node.host.status(child).voters == ()  # a joiner: it learns the group by snapshot
+
+
+def test_a_split_half_started_from_the_handover_compacts_its_log_at_once(node: Node):
+    """Its data did not come through its log: an empty replica must get a snapshot of it."""
+    shard_map = founding()
+    node.replicas.sync(shard_map)
+    for key in ("a", "b", "c"):
+        node.write_key(1, key)
+    finished, child = split_shard_one(shard_map)
+    apply_to(node, 1, SplitShard(child, finished.shard(child).start_token))
+    node.replicas.sync(finished)
+    assert node.host.has_group(child)
+    assert node.host._group(child).snapshot_wanted

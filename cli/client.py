@@ -77,6 +77,12 @@ class MoveStatus(TypedDict):
     to_replica: int
 
 
+class SplitStatus(TypedDict):
+    shard: int  # the shard being cut; it keeps the lower half
+    child: int  # the new shard's id: it gets the upper half
+    split_token: int
+
+
 class ReplicaStatus(TypedDict):
     node: int
     role: str
@@ -104,6 +110,7 @@ class ClusterStatus(TypedDict):
     shards: list[ShardStatus]
     healthy: bool
     moves: NotRequired[list[MoveStatus]]  # replica moves in progress
+    splits: NotRequired[list[SplitStatus]]  # shard splits in progress
     meta_voters: NotRequired[list[int]]
     balanced: NotRequired[bool]  # no move in progress and none planned
 
@@ -341,6 +348,11 @@ class KVClient:
     def drain_node(self, node_id: int) -> int:
         """Starts moving every replica off the node; it leaves the map once it hosts none."""
         response = self.request("POST", f"/v1/admin/nodes/{node_id}/drain")
+        return int(response.json()["epoch"])
+
+    def split_shard(self, shard_id: int) -> int:
+        """Starts cutting the shard in two; returns the shard map's new epoch."""
+        response = self.request("POST", f"/v1/admin/shards/{shard_id}/split")
         return int(response.json()["epoch"])
 
     def check(self) -> dict[str, Any]:

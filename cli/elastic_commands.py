@@ -1,6 +1,7 @@
-"""`kvctl node add`, `kvctl node remove` and `kvctl rebalance`: grow, shrink and watch the
-balancer. They change the cluster through the HTTP admin routes only, and follow the work
-through /v1/cluster (moves in progress, replicas per node, `balanced`)."""
+"""`kvctl node add`, `kvctl node remove`, `kvctl rebalance` and `kvctl shard split`: grow,
+shrink, watch the balancer, split a shard. They change the cluster through the HTTP admin
+routes only, and follow the work through /v1/cluster (moves and splits in progress, replicas
+per node, `balanced`)."""
 
 from __future__ import annotations
 
@@ -192,4 +193,55 @@ def rebalance_command(wait: bool, wait_timeout: float) -> None:
     stdout_console().print(Text(state))
 
 
-ELASTIC_COMMANDS = (rebalance_command,)
+@click.group("shard", short_help="Split a shard.")
+def shard_group() -> None:
+    """Operations on one shard (`kvctl shards` lists them)."""
+
+
+@shard_group.command("split")
+@click.argument("shard_id", metavar="ID", type=click.IntRange(min=1))
+@client_options
+@_WAIT_OPTION
+@_TIMEOUT_OPTION
+def split_command(shard_id: int, wait: bool, wait_timeout: float) -> None:
+    """Cut shard ID in two at the middle of its token range: a new shard on the same replicas
+    takes the upper half's keys. Every key stays readable meanwhile.
+
+    \b
+    Examples:
+      kvctl shard split 3 --wait
+    """
+    settings = settings_of(click.get_current_context())
+    client = settings.client()
+    epoch = client.split_shard(shard_id)
+    if not settings.json_output:
+        stdout_console().print(Text(f"shard {shard_id} is splitting (shard map epoch {epoch})"))
+    child = None
+    if wait:
+
+        def splitting(status: ClusterStatus) -> int:
+            return sum(1 for split in status.get("splits", []) if split["shard"] == shard_id)
+
+        status = wait_with_bar(
+            client,
+            what=f"splitting shard {shard_id}",
+            remaining=splitting,
+            is_done=lambda status: splitting(status) == 0,
+            timeout_s=wait_timeout,
+            show_bar=not settings.json_output,
+        )
+        child = _upper_half_of(status, shard_id)
+    if settings.json_output:
+        print_json({"shard": shard_id, "epoch": epoch, "done": wait, "child": child})
+    elif wait:
+        stdout_console().print(Text(f"shard {shard_id} split; shard {child} holds its upper half"))
+
+
+def _upper_half_of(status: ClusterStatus, shard_id: int) -> int | None:
+    """The shard whose range starts where shard_id's ends (its split's child, just after)."""
+    shards = {shard["id"]: shard for shard in status.get("shards", [])}
+    end = shards[shard_id]["end_token"] if shard_id in shards else None
+    return next((i for i, shard in shards.items() if shard["start_token"] == end), None)
+
+
+ELASTIC_COMMANDS = (rebalance_command, shard_group)

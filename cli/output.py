@@ -176,6 +176,10 @@ def cluster_summary(status: ClusterStatus) -> list[Text]:
                 style="yellow",
             )
         )
+    for split in status.get("splits", []):
+        lines.append(
+            Text(f"splitting: shard {split['shard']} -> new shard {split['child']}", style="yellow")
+        )
     if "balanced" in status:
         lines.append(Text("placement: balanced" if status["balanced"] else "placement: balancing"))
     return lines

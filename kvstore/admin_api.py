@@ -1,5 +1,5 @@
-"""The admin routes of the public API (/v1/admin/*): consistency checks, shard backups, and
-cluster membership (join a node, drain one out).
+"""The admin routes of the public API (/v1/admin/*): consistency checks, shard backups,
+cluster membership (join a node, drain one out) and shard splits.
 
 Like http_api, it depends only on narrow Protocols and the error tree: AdminService
 (kvstore.admin) for integrity, MetaProposer (the router) for membership, where each route is
@@ -19,12 +19,12 @@ from aiohttp import web
 
 from kvstore.auth import Action
 from kvstore.config import ConfigError, parse_address
-from kvstore.errors import InvalidRequest
+from kvstore.errors import InvalidRequest, NotFound
 from kvstore.http_api import authorize, read_body
-from kvstore.map_changes import AddNode, DrainNode, MapChange, encode_change
+from kvstore.map_changes import AddNode, DrainNode, MapChange, StartSplit, encode_change
 from kvstore.moves import MetaProposer
 from kvstore.service import KeyVersion, Limits, RequestContext
-from kvstore.sharding import META_GROUP_ID, NodeInfo
+from kvstore.sharding import META_GROUP_ID, NodeInfo, ShardMap
 from raft.core.types import MAX_NODE_ID, NodeId
 
 ADMIN_ROUTE_PREFIX: Final = "/v1/admin/"
@@ -68,6 +68,13 @@ class AdminService(Protocol):
         """Raises NotFound, InvalidRequest (not a backup of that shard), PreconditionFailed
         (the shard holds keys and replace is False)."""
         ...
+
+
+class Membership(MetaProposer, Protocol):
+    """What the membership and split routes need from the router."""
+
+    @property
+    def shard_map(self) -> ShardMap: ...
 
 
 def _shard_id(request: web.Request) -> int:
@@ -116,7 +123,7 @@ def _node_info(body: bytes) -> NodeInfo:
     return NodeInfo(_node_id(fields["id"]), client_url.rstrip("/"), peer)
 
 
-def add_admin_routes(app: web.Application, admin: AdminService, membership: MetaProposer) -> None:
+def add_admin_routes(app: web.Application, admin: AdminService, membership: Membership) -> None:
     async def change_map(change: MapChange) -> web.Response:
         outcome = await membership.propose(META_GROUP_ID, encode_change(change), RequestContext())
         if not isinstance(outcome, KeyVersion):
@@ -131,6 +138,17 @@ def add_admin_routes(app: web.Application, admin: AdminService, membership: Meta
     async def drain_node(request: web.Request) -> web.Response:
         authorize(request, Action.ADMIN, "")  # membership concerns every key
         return await change_map(DrainNode(_node_id(request.match_info["node_id"])))
+
+    async def split_shard(request: web.Request) -> web.Response:
+        authorize(request, Action.ADMIN, "")  # a split moves a range of keys
+        shard_id = _shard_id(request)
+        try:
+            shard = membership.shard_map.shard(shard_id)
+        except KeyError:
+            raise NotFound(f"there is no shard {shard_id}") from None
+        # Keys hash evenly over tokens, so the middle token halves the keys up to noise.
+        middle = (shard.start_token + shard.end_token) // 2
+        return await change_map(StartSplit(shard_id, middle))
 
     async def run_check(request: web.Request) -> web.Response:
         authorize(request, Action.ADMIN, "")  # a backup or check spans every key
@@ -176,3 +194,4 @@ def add_admin_routes(app: web.Application, admin: AdminService, membership: Meta
     app.router.add_put(ADMIN_ROUTE_PREFIX + "snapshot/{shard}", put_snapshot)
     app.router.add_post(ADMIN_ROUTE_PREFIX + "nodes", add_node)
     app.router.add_post(ADMIN_ROUTE_PREFIX + "nodes/{node_id}/drain", drain_node)
+    app.router.add_post(ADMIN_ROUTE_PREFIX + "shards/{shard}/split", split_shard)

@@ -24,7 +24,7 @@ def plan_changes(shard_map: ShardMap, *, max_moves: int) -> list[MapChange]:
         return []
     budget = max_moves - len(shard_map.moves)
     changes: list[MapChange] = []
-    busy = {move.group for move in shard_map.moves}
+    busy = {move.group for move in shard_map.moves} | {split.shard for split in shard_map.splits}
     load = _replica_load(shard_map, active)
     hosts = {group: _hosts(shard_map, group) for group in shard_map.group_ids()}
 

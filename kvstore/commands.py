@@ -13,7 +13,7 @@ from typing import Any, Final, TypeVar
 
 import msgpack
 
-from kvstore.errors import InvalidRequest, KVError, NotFound, PreconditionFailed
+from kvstore.errors import InvalidRequest, KVError, NotFound, PreconditionFailed, StaleShardMap
 from kvstore.service import (
     CompareOp,
     CompareTarget,
@@ -147,12 +147,33 @@ class PutBatch:
             raise TypeError("a batch carries no idempotency key")
 
 
-Command = Put | Delete | Txn | HashCheck | RestoreShard | PutBatch
+_TOKEN_LIMIT = 1 << 64  # tokens are xxh64 values: 0 <= token < 2**64
+
+
+@dataclass(frozen=True, slots=True)
+class SplitShard:
+    """Elastic: at this entry every replica hands the keys hashing at or above `split_token`
+    (with the shard's idempotency records) to the new shard `child_id`, and keeps the rest; so
+    all replicas agree on both halves. See docs/architecture.md, "Shard split"."""
+
+    child_id: int
+    split_token: int
+
+    def __post_init__(self) -> None:
+        for name, value in (("child_id", self.child_id), ("split_token", self.split_token)):
+            if type(value) is not int or not 0 < value < _TOKEN_LIMIT:
+                raise ValueError(f"{name} must be an integer in (0, 2**64), got {value!r}")
+
+
+Command = Put | Delete | Txn | HashCheck | RestoreShard | PutBatch | SplitShard
 
 FAILED_PRECONDITION: Final = "precondition_failed"
 FAILED_NOT_FOUND: Final = "not_found"
 FAILED_INVALID: Final = "invalid_request"  # the entry held no valid command
-_FAILURE_CODES = frozenset({FAILED_PRECONDITION, FAILED_NOT_FOUND, FAILED_INVALID})
+FAILED_WRONG_SHARD: Final = "stale_shard_map"  # a key this shard handed over in a split
+_FAILURE_CODES = frozenset(
+    {FAILED_PRECONDITION, FAILED_NOT_FOUND, FAILED_INVALID, FAILED_WRONG_SHARD}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +196,8 @@ class Failed:
             return PreconditionFailed(self.message, self.current_version)
         if self.code == FAILED_NOT_FOUND:
             return NotFound(self.message)
+        if self.code == FAILED_WRONG_SHARD:
+            return StaleShardMap(self.message)
         return InvalidRequest(self.message)
 
 
@@ -217,13 +240,27 @@ class BatchWritten:
         _check_version("version", self.version, optional=False)
 
 
-Outcome = KeyVersion | TxnResult | Failed | ReplicaHash | Restored | BatchWritten
+@dataclass(frozen=True, slots=True)
+class SplitApplied:
+    """A SplitShard applied: `moved_keys` went to the child shard, `kept_keys` stayed."""
+
+    index: int
+    moved_keys: int
+    kept_keys: int
+
+    def __post_init__(self) -> None:
+        for name in ("index", "moved_keys", "kept_keys"):
+            _check_version(name, getattr(self, name), optional=False)
+
+
+Outcome = KeyVersion | TxnResult | Failed | ReplicaHash | Restored | BatchWritten | SplitApplied
 _E = TypeVar("_E", bound=enum.Enum)
 
 # --- Wire tags and enum numbering. Append only: these bytes live in logs and snapshots. ---
 
-_PUT, _DELETE, _TXN, _HASH_CHECK, _RESTORE_SHARD, _PUT_BATCH = 1, 2, 3, 4, 5, 6
+_PUT, _DELETE, _TXN, _HASH_CHECK, _RESTORE_SHARD, _PUT_BATCH, _SPLIT_SHARD = 1, 2, 3, 4, 5, 6, 7
 _KEY_VERSION, _FAILED, _TXN_RESULT, _REPLICA_HASH, _RESTORED, _BATCH_WRITTEN = 1, 2, 3, 4, 5, 6
+_SPLIT_APPLIED = 7
 _TARGETS = (CompareTarget.VERSION, CompareTarget.VALUE)
 _OPS = (CompareOp.EQUAL, CompareOp.NOT_EQUAL, CompareOp.LESS, CompareOp.GREATER)
 _KINDS = (TxnOpKind.PUT, TxnOpKind.DELETE, TxnOpKind.GET)
@@ -261,6 +298,8 @@ def encode_command(command: Command) -> bytes:
         fields = (_RESTORE_SHARD, command.snapshot, command.replace)
     elif isinstance(command, PutBatch):
         fields = (_PUT_BATCH, command.items)
+    elif isinstance(command, SplitShard):
+        fields = (_SPLIT_SHARD, command.child_id, command.split_token)
     else:
         raise TypeError(f"not a command: {command!r}")
     packed: bytes = msgpack.packb(fields)
@@ -298,6 +337,9 @@ def decode_command(data: bytes) -> Command:
         if tag == _PUT_BATCH:
             _, items = fields
             return PutBatch(items)
+        if tag == _SPLIT_SHARD:
+            _, child_id, split_token = fields
+            return SplitShard(child_id, split_token)
     except (TypeError, ValueError, IndexError, KeyError) as exc:
         raise ValueError(f"malformed command: {exc}") from exc
     raise ValueError(f"unknown command tag {tag!r}")
@@ -338,6 +380,8 @@ def encode_outcome(outcome: Outcome) -> bytes:
         fields = (_RESTORED, outcome.index, outcome.key_count, outcome.content_digest)
     elif isinstance(outcome, BatchWritten):
         fields = (_BATCH_WRITTEN, outcome.version)
+    elif isinstance(outcome, SplitApplied):
+        fields = (_SPLIT_APPLIED, outcome.index, outcome.moved_keys, outcome.kept_keys)
     else:
         raise TypeError(f"not an outcome: {outcome!r}")
     packed: bytes = msgpack.packb(fields)
@@ -371,6 +415,9 @@ def decode_outcome(data: bytes) -> Outcome:
         if tag == _BATCH_WRITTEN:
             _, version = fields
             return BatchWritten(version)
+        if tag == _SPLIT_APPLIED:
+            _, index, moved_keys, kept_keys = fields
+            return SplitApplied(index, moved_keys, kept_keys)
     except (TypeError, ValueError, IndexError, KeyError) as exc:
         raise ValueError(f"malformed outcome: {exc}") from exc
     raise ValueError(f"unknown outcome tag {tag!r}")

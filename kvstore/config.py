@@ -72,6 +72,7 @@ class NodeConfig:
     down_after_s: float = 300.0  # unreachable this long: its replicas are re-created elsewhere
     max_moves: int = 2  # replica moves in flight at once, cluster-wide
     reconcile_interval_s: float = 0.5
+    split_keys: int = 0  # a shard holding more keys than this is split in two (0: never)
     # How often this node checks that the replicas of the shards it leads agree (0: never).
     check_interval_s: float = 300.0
     tls: TlsFiles | None = None  # [tls]: HTTPS for clients, mutual TLS between peers
@@ -230,6 +231,7 @@ def load_config(argv: list[str] | None = None) -> NodeConfig:
             down_after_s=float(elastic_raw.get("down_after_s", 300.0)),
             max_moves=int(elastic_raw.get("max_moves", 2)),
             reconcile_interval_s=float(elastic_raw.get("reconcile_interval_s", 0.5)),
+            split_keys=int(elastic_raw.get("split_keys", 0)),
             check_interval_s=float(check_interval_s),
             tls=_tls(raw.get("tls", {}), base),
             auth=_auth(raw.get("auth", {}), base),
@@ -246,6 +248,8 @@ def load_config(argv: list[str] | None = None) -> NodeConfig:
         )
     if config.down_after_s <= 0 or config.max_moves < 1 or config.reconcile_interval_s <= 0:
         raise ConfigError("[elastic] down_after_s, max_moves, reconcile_interval_s must be > 0")
+    if config.split_keys < 0:
+        raise ConfigError(f"[elastic] split_keys must be >= 0 (0: never), got {config.split_keys}")
     if not 1 <= config.node_id <= MAX_NODE_ID:
         raise ConfigError(f"node_id must be from 1 to {MAX_NODE_ID}")
     if not config.check_interval_s >= 0:  # also refuses NaN

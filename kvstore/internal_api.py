@@ -13,7 +13,14 @@ import msgpack
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from kvstore.commands import BatchWritten, Failed, ReplicaHash, Restored, encode_outcome
+from kvstore.commands import (
+    BatchWritten,
+    Failed,
+    ReplicaHash,
+    Restored,
+    SplitApplied,
+    encode_outcome,
+)
 from kvstore.consistency_check import ConsistencyChecker
 from kvstore.errors import Forbidden, InvalidRequest, KVError
 from kvstore.http_api import INTERNAL_ROUTE_PREFIX, error_response, read_body, txn_body_limit_bytes
@@ -118,7 +125,8 @@ def add_internal_routes(app: web.Application, router: Router, checker: Consisten
         if isinstance(outcome, str | int | None):  # a metadata group result
             return web.Response(body=msgpack.packb(outcome), content_type="application/msgpack")
         if not isinstance(
-            outcome, KeyVersion | TxnResult | Failed | ReplicaHash | Restored | BatchWritten
+            outcome,
+            KeyVersion | TxnResult | Failed | ReplicaHash | Restored | BatchWritten | SplitApplied,
         ):
             raise AssertionError(f"unexpected outcome {outcome!r}")
         return web.Response(body=encode_outcome(outcome), content_type="application/msgpack")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import msgpack
 
-from kvstore.sharding import META_GROUP_ID, Move, NodeInfo, ShardMap
+from kvstore.sharding import META_GROUP_ID, Move, NodeInfo, ShardMap, ShardSpec, Split
 from raft.core.types import NO_NODE, NodeId, node_of
 
 
@@ -73,6 +73,21 @@ class SetPreferredLeader:
     replica: NodeId
 
 
+@dataclass(frozen=True, slots=True)
+class StartSplit:
+    """Begin cutting `shard` at `split_token`; the child's id is the next unused shard id."""
+
+    shard: int
+    split_token: int
+
+
+@dataclass(frozen=True, slots=True)
+class FinishSplit:
+    """Every replica of the parent applied its SplitShard: the child joins the map."""
+
+    split: Split
+
+
 MapChange = (
     AddNode
     | DrainNode
@@ -82,6 +97,8 @@ MapChange = (
     | FinishMove
     | AbortMove
     | SetPreferredLeader
+    | StartSplit
+    | FinishSplit
 )
 
 
@@ -124,6 +141,8 @@ def _changed(shard_map: ShardMap, change: MapChange) -> ShardMap:
             replicas = shard_map.group(group).replicas
             if shard_map.move_of(group) is not None:
                 raise ChangeRefused(f"group {group} already has a move in progress")
+            if shard_map.split_of(group) is not None:
+                raise ChangeRefused(f"shard {group} is being split")
             if leaving not in replicas:
                 raise ChangeRefused(f"replica {leaving} is not in group {group}")
             if joining_node == NO_NODE and group == META_GROUP_ID and len(replicas) > 1:
@@ -157,6 +176,31 @@ def _changed(shard_map: ShardMap, change: MapChange) -> ShardMap:
                 raise ChangeRefused(f"replica {replica} is not in shard {group}")
             ordered = (replica, *(r for r in replicas if r != replica))
             return _with_replicas(shard_map, group, ordered)
+        case StartSplit(shard_id, split_token):
+            if shard_id == META_GROUP_ID:
+                raise ChangeRefused("the meta group is not a shard")
+            shard = shard_map.shard(shard_id)
+            if shard_map.move_of(shard_id) is not None or shard_map.split_of(shard_id):
+                raise ChangeRefused(f"shard {shard_id} has a move or a split in progress")
+            if not shard.start_token < split_token < shard.end_token:
+                raise ChangeRefused(f"token {split_token} does not cut shard {shard_id} in two")
+            used = [s.id for s in shard_map.shards] + [x.child_id for x in shard_map.splits]
+            split = Split(shard_id, max(used) + 1, split_token)
+            return replace(shard_map, splits=(*shard_map.splits, split))
+        case FinishSplit(split):
+            if split not in shard_map.splits:
+                raise ChangeRefused(f"no such split {split}")
+            parent = shard_map.shard(split.shard)
+            halves = (
+                replace(parent, end_token=split.split_token),
+                ShardSpec(split.child_id, split.split_token, parent.end_token, parent.replicas),
+            )
+            shards = tuple(
+                half for s in shard_map.shards for half in (halves if s.id == parent.id else (s,))
+            )
+            splits = tuple(x for x in shard_map.splits if x != split)
+            finished = (*shard_map.finished_splits, split)
+            return replace(shard_map, shards=shards, splits=splits, finished_splits=finished)
     raise AssertionError(f"unknown map change {change!r}")
 
 
@@ -173,6 +217,7 @@ def _with_replicas(shard_map: ShardMap, group: int, replicas: tuple[NodeId, ...]
 
 # --- Wire tags, after kvstore.meta's own (1-3). Append only: they live in the meta log. ---
 _ADD_NODE, _DRAIN_NODE, _REMOVE_NODE, _START, _FINISH, _ABORT, _PREFER, _DOWN = range(4, 12)
+_START_SPLIT, _FINISH_SPLIT = 12, 13
 
 
 def encode_change(change: MapChange) -> bytes:
@@ -194,6 +239,10 @@ def encode_change(change: MapChange) -> bytes:
             fields = (_ABORT, move.group, move.leaving, move.joining)
         case SetPreferredLeader(group, replica):
             fields = (_PREFER, group, replica)
+        case StartSplit(shard, split_token):
+            fields = (_START_SPLIT, shard, split_token)
+        case FinishSplit(split):
+            fields = (_FINISH_SPLIT, split.shard, split.child_id, split.split_token)
     packed: bytes = msgpack.packb(fields)
     return packed
 
@@ -231,6 +280,12 @@ def decode_change(tag: int, fields: list[object]) -> MapChange:
         if tag == _PREFER:
             group, replica = ints
             return SetPreferredLeader(group, NodeId(replica))
+        if tag == _START_SPLIT:
+            shard, split_token = ints
+            return StartSplit(shard, split_token)
+        if tag == _FINISH_SPLIT:
+            shard, child_id, split_token = ints
+            return FinishSplit(Split(shard, child_id, split_token))
     except (TypeError, ValueError) as error:
         raise ValueError(f"malformed map change {tag}: {error}") from error
     raise ValueError(f"unknown map change tag {tag}")

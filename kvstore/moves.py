@@ -9,6 +9,10 @@ that was lost (crash, lost leadership, timeout) is simply taken again by whoever
   joiner a voter, leaver gone           -> record the finished move in the shard map
 A joiner whose node was declared down before promotion is removed and the move aborted.
 
+A shard being split (docs/architecture.md, "Shard split") is taken on the same way:
+  the leader's replica still holds the upper half -> propose SplitShard in the shard's log
+  it handed the upper half over                   -> record FinishSplit in the shard map
+
 A hand-off can be refused silently (a quarantined replica never campaigns), and a transfer in
 progress refuses the group's proposals for up to an election timeout; so a hand-off to the same
 target that keeps not happening is asked again only after a doubling back-off.
@@ -19,14 +23,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from kvstore.commands import Failed, SplitApplied, SplitShard, encode_command
 from kvstore.errors import KVError
-from kvstore.map_changes import AbortMove, FinishMove, MapChange, encode_change
+from kvstore.map_changes import AbortMove, FinishMove, FinishSplit, MapChange, encode_change
 from kvstore.service import RequestContext
-from kvstore.sharding import META_GROUP_ID, Move, ShardMap
+from kvstore.sharding import META_GROUP_ID, Move, ShardMap, Split
+from kvstore.state_machine import KVStateMachine
 from raft.core.errors import RaftError
 from raft.core.messages import ConfChange, ConfChangeType
 from raft.core.types import NO_NODE, NodeId, node_of
@@ -70,11 +76,17 @@ async def propose_map_change(router: MetaProposer, change: MapChange) -> bool:
 
 class MoveExecutor:
     def __init__(
-        self, host: RaftHost, router: MetaProposer, clock: Callable[[], float] = time.monotonic
+        self,
+        host: RaftHost,
+        router: MetaProposer,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        shards: Mapping[int, KVStateMachine] | None = None,  # the local shard state machines
     ) -> None:
         self._host = host
         self._router = router
         self._clock = clock
+        self._shards: Mapping[int, KVStateMachine] = shards if shards is not None else {}
         self._hand_offs: dict[int, _HandOff] = {}  # group -> the last hand-off asked, as leader
 
     async def run_once(self, shard_map: ShardMap) -> None:
@@ -83,9 +95,12 @@ class MoveExecutor:
                 self._hand_offs.pop(group_id, None)  # handed over, or never ours
                 continue
             move = shard_map.move_of(group_id)
+            split = shard_map.split_of(group_id)
             try:
                 if move is not None:
                     await self._step(shard_map, move)
+                elif split is not None:
+                    await self._split_step(split)
                 else:
                     await self._tidy(shard_map, group_id)
             except (RaftError, ValueError, KeyError, TimeoutError) as error:
@@ -122,6 +137,31 @@ class MoveExecutor:
                 await self._change(group, ConfChangeType.ADD_VOTER, joining)
         else:
             await self._remove_leaver(group, move, voters | learners)
+
+    async def _split_step(self, split: Split) -> None:
+        machine = self._shards.get(split.shard)
+        if machine is None:
+            return
+        if machine.token_range()[1] > split.split_token:  # the upper half is still here
+            command = encode_command(SplitShard(split.child_id, split.split_token))
+            outcome = await asyncio.wait_for(
+                self._host.propose(split.shard, command), STEP_TIMEOUT_S
+            )
+            if isinstance(outcome, SplitApplied):
+                log.info(
+                    "shard %d: handed %d keys to shard %d (kept %d)",
+                    *(split.shard, outcome.moved_keys, split.child_id, outcome.kept_keys),
+                )
+            elif isinstance(outcome, Failed):
+                # An earlier SplitShard applied after this leader last looked: fine if the
+                # range now ends at the split token, checked below.
+                log.info("shard %d: SplitShard refused: %s", split.shard, outcome.message)
+            if machine.token_range()[1] > split.split_token:
+                return
+        if await propose_map_change(self._router, FinishSplit(split)):
+            log.info(
+                "shard %d: split done; shard %d holds its upper half", split.shard, split.child_id
+            )
 
     async def _remove_leaver(self, group: int, move: Move, members: set[NodeId]) -> None:
         """Once the joiner votes (or there is none): remove the leaver, then record it."""

@@ -111,9 +111,13 @@ class KVNode:
             self.shards,
             cipher=self._value_cipher(),
         )
-        self.mover = MoveExecutor(self.host, self.router)
+        self.mover = MoveExecutor(self.host, self.router, shards=self.shards)
         self.reconciler = Reconciler(
-            self.host, self.router, down_after_s=config.down_after_s, max_moves=config.max_moves
+            self.host,
+            self.router,
+            down_after_s=config.down_after_s,
+            max_moves=config.max_moves,
+            split_keys=config.split_keys,
         )
         self._peer_addresses: dict[NodeId, tuple[str, int]] = {}
         self._elastic_task: asyncio.Task[None] | None = None

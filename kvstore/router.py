@@ -27,6 +27,7 @@ from kvstore.commands import (
     FAILED_INVALID,
     FAILED_NOT_FOUND,
     FAILED_PRECONDITION,
+    FAILED_WRONG_SHARD,
     BatchWritten,
     Delete,
     Failed,
@@ -84,7 +85,7 @@ from kvstore.service import (
     TxnRequest,
     TxnResult,
 )
-from kvstore.sharding import META_GROUP_ID, ShardMap, ShardSpec
+from kvstore.sharding import META_GROUP_ID, ShardMap, ShardSpec, key_token
 from kvstore.state_machine import CorruptValueError, KVStateMachine
 from raft.core.errors import NotLeader, ProposalDropped
 from raft.core.types import NO_NODE, NodeId, node_of
@@ -146,8 +147,16 @@ class Router:
 
     # ------------------------------------------------------------------ KVService
     async def get(self, key: str, consistency: Consistency, ctx: RequestContext) -> KeyValue:
-        shard = self.shard_map.shard_for_key(key)
-        found = await self._read(shard, consistency, ctx, "get", key.encode(), _one_or_none)
+        found = await self._with_fresh_map(
+            lambda: self._read(
+                self.shard_map.shard_for_key(key),
+                consistency,
+                ctx,
+                "get",
+                key.encode(),
+                _one_or_none,
+            )
+        )
         if found is None:
             raise NotFound(f"key {key!r} does not exist")
         return found
@@ -155,15 +164,13 @@ class Router:
     async def put(
         self, key: str, value: bytes, if_version: int | None, ctx: RequestContext
     ) -> KeyVersion:
-        shard = self.shard_map.shard_for_key(key)
         command = encode_command(Put(key, value, if_version, ctx.idempotency_key))
-        outcome = await self.propose(shard.id, command, ctx, raise_failure=False)
+        outcome = await self._propose_for_keys([key], command, ctx)
         return _expect(KeyVersion, outcome, ctx, {FAILED_PRECONDITION})
 
     async def delete(self, key: str, if_version: int | None, ctx: RequestContext) -> KeyVersion:
-        shard = self.shard_map.shard_for_key(key)
         command = encode_command(Delete(key, if_version, ctx.idempotency_key))
-        outcome = await self.propose(shard.id, command, ctx, raise_failure=False)
+        outcome = await self._propose_for_keys([key], command, ctx)
         return _expect(KeyVersion, outcome, ctx, {FAILED_PRECONDITION, FAILED_NOT_FOUND})
 
     async def txn(self, request: TxnRequest, ctx: RequestContext) -> TxnResult:
@@ -171,23 +178,85 @@ class Router:
         keys |= {op.key for op in (*request.success, *request.failure)}
         if not keys:
             raise InvalidRequest("a transaction needs at least one compare or operation")
-        shard_map = self.shard_map
-        shards = {shard_map.shard_for_key(key).id for key in keys}
-        if len(shards) > 1:
-            raise CrossShardTxn(
-                f"the transaction's keys live in {len(shards)} shards ({sorted(shards)}); "
-                "a transaction must stay within one shard: split it, or choose keys of one shard"
-            )
         command = encode_command(Txn(request, ctx.idempotency_key))
-        outcome = await self.propose(shards.pop(), command, ctx, raise_failure=False)
+        outcome = await self._propose_for_keys(sorted(keys), command, ctx)
         return _expect(TxnResult, outcome, ctx, set())  # a failed compare is a TxnResult too
+
+    async def _propose_for_keys(
+        self, keys: Sequence[str], command: bytes, ctx: RequestContext
+    ) -> object:
+        """Propose on the one shard that holds `keys` (a Failed outcome is returned, not
+        raised); a shard that split them away refuses them, and it goes again with the map
+        that has the new shard."""
+
+        async def attempt() -> object:
+            shard_map = self.shard_map
+            shards = {shard_map.shard_for_key(key).id for key in keys}
+            if len(shards) > 1:
+                raise CrossShardTxn(
+                    f"the transaction's keys live in {len(shards)} shards ({sorted(shards)}); "
+                    "a transaction must stay within one shard: split it, or choose keys of one "
+                    "shard"
+                )
+            outcome = await self.propose(shards.pop(), command, ctx, raise_failure=False)
+            if isinstance(outcome, Failed) and outcome.code == FAILED_WRONG_SHARD:
+                raise outcome.to_error()  # applied nowhere: safe to send again
+            return outcome
+
+        return await self._with_fresh_map(attempt)
+
+    async def _with_fresh_map(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run `attempt` (which resolves shards from the current map each time) until no
+        shard refuses it as routed by a stale map, or the request deadline passes. Between a
+        split's handover and its FinishSplit the refusal repeats for a moment: the map then
+        still shows the old range."""
+        deadline = time.monotonic() + self._timeout_s
+        for pause in itertools.chain(_RETRY_PAUSE_S, itertools.repeat(_RETRY_PAUSE_S[-1])):
+            try:
+                return await attempt()
+            except StaleShardMap as error:
+                if time.monotonic() + pause > deadline:
+                    raise ShardUnavailable(
+                        f"the shard map stayed stale ({error.message}); retry shortly",
+                        retry_after_s=1,
+                    ) from error
+            if not await self._refresh_map_if_behind():
+                await asyncio.sleep(pause)
+        raise AssertionError("unreachable: the pauses never end")
+
+    async def _refresh_map_if_behind(self) -> bool:
+        """refresh_map, except on the meta leader, whose own map is the newest there is."""
+        host = self._host
+        if host.has_group(META_GROUP_ID) and host.is_leader(META_GROUP_ID):
+            return False
+        return await self.refresh_map()
 
     async def batch_put(
         self, items: Sequence[tuple[str, bytes]], ctx: RequestContext
     ) -> list[int | KVError]:
+        results: list[int | KVError] = [ShardUnavailable("not attempted")] * len(items)
+        pending = list(range(len(items)))
+        deadline = time.monotonic() + self._timeout_s
+        while True:
+            await self._batch_put_once(items, pending, results, ctx)
+            pending = [p for p in pending if isinstance(results[p], StaleShardMap)]
+            if not pending or time.monotonic() > deadline:
+                return results
+            if not await self._refresh_map_if_behind():
+                await asyncio.sleep(_RETRY_PAUSE_S[-1])
+
+    async def _batch_put_once(
+        self,
+        items: Sequence[tuple[str, bytes]],
+        pending: Sequence[int],
+        results: list[int | KVError],
+        ctx: RequestContext,
+    ) -> None:
+        """Put the pending items, one PutBatch per shard; record each item's result."""
         shard_map = self.shard_map
         positions_by_shard: dict[int, list[int]] = {}
-        for position, (key, _) in enumerate(items):
+        for position in pending:
+            key = items[position][0]
             positions_by_shard.setdefault(shard_map.shard_for_key(key).id, []).append(position)
 
         async def put_shard(shard_id: int, positions: list[int]) -> int:
@@ -200,13 +269,11 @@ class Router:
             *(put_shard(shard, positions) for shard, positions in positions_by_shard.items()),
             return_exceptions=True,
         )
-        results: list[int | KVError] = [ShardUnavailable("not attempted")] * len(items)
         for positions, answer in zip(positions_by_shard.values(), answers, strict=True):
             if isinstance(answer, BaseException) and not isinstance(answer, KVError):
                 raise answer  # a bug or a cancellation, not an outcome of this shard
             for position in positions:
                 results[position] = answer
-        return results
 
     async def scan(
         self,
@@ -221,13 +288,17 @@ class Router:
     ) -> ScanPage:
         after = decode_cursor(cursor) if cursor else None
         query = msgpack.packb((prefix, start, end, after, limit + 1))
-        shard_map = self.shard_map
-        pages = await asyncio.gather(
-            *(
-                self._read(shard, consistency, ctx, "scan", query, decode_key_values)
-                for shard in shard_map.shards
+
+        async def scan_every_shard() -> list[list[KeyValue]]:
+            shard_map = self.shard_map
+            return await asyncio.gather(
+                *(
+                    self._read(shard, consistency, ctx, "scan", query, decode_key_values)
+                    for shard in shard_map.shards
+                )
             )
-        )
+
+        pages = await self._with_fresh_map(scan_every_shard)
         merged = list(itertools.islice(heapq.merge(*pages, key=_key_bytes), limit + 1))
         items = tuple(merged[:limit])
         next_cursor = encode_cursor(items[-1].key) if len(merged) > limit and items else None
@@ -238,7 +309,10 @@ class Router:
 
     async def query(self, spec: QuerySpec, ctx: RequestContext) -> dict[str, Any]:
         """POST /v1/query: the plan runs on every shard at once (each at its own read point),
-        and the partials merge here."""
+        and the partials merge here; again with a fresh map if a shard split meanwhile."""
+        return await self._with_fresh_map(lambda: self._query_every_shard(spec, ctx))
+
+    async def _query_every_shard(self, spec: QuerySpec, ctx: RequestContext) -> dict[str, Any]:
         settings = self.query_settings
         shards = self.shard_map.shards
         budget = settings.shard_budget_bytes(len(shards))
@@ -252,8 +326,8 @@ class Router:
         failed: dict[int, str] = {}
         cut_after: str | None = None
         for shard, answer in zip(shards, answers, strict=True):
-            if isinstance(answer, InvalidRequest):
-                raise answer  # the same on every shard: the query itself is at fault
+            if isinstance(answer, InvalidRequest | StaleShardMap):
+                raise answer  # the query itself is at fault, or the map it was planned on
             if isinstance(answer, KVError):
                 failed[shard.id] = answer.message
                 continue
@@ -446,6 +520,7 @@ class Router:
                 await self._wait_applied(machine, await self._leader_read_point(plan.shard))
             else:
                 await self._host.read_barrier(plan.shard)  # §6.4 ReadIndex: the read point
+        self._refuse_unless_holds_range(machine)
         return scan_shard(
             machine,
             plan,
@@ -550,12 +625,17 @@ class Router:
             }
             for move in shard_map.moves
         ]
+        splits = [
+            {"shard": split.shard, "child": split.child_id, "split_token": split.split_token}
+            for split in shard_map.splits
+        ]
         return {
             "cluster_id": "pyraftkv",
             "epoch": shard_map.epoch,
             "nodes": nodes,
             "shards": shards,
             "moves": moves,
+            "splits": splits,
             "meta_voters": [node_of(replica) for replica in shard_map.meta_voters],
             # No move in progress or planned, and every shard led by its preferred leader.
             "balanced": not shard_map.moves
@@ -632,6 +712,9 @@ class Router:
                 "last_index": status.last_index,
                 "quarantined": status.is_quarantined,
             }
+            machine = self._shards.get(group_id)
+            if machine is not None:  # what an automatic split looks at
+                groups[str(group_id)]["key_count"] = machine.count()
         return {"node": self.node_id, "groups": groups}
 
     # ------------------------------------------------------------------ writes
@@ -754,10 +837,39 @@ class Router:
         if machine is None:
             raise NotLeaderHere(f"no replica of shard {shard_id} on node {self.node_id}")
         self.quarantine.refuse_if_quarantined(shard_id)
+        if op == "get":
+            self._refuse_unless_holds_key(machine, query)
+        elif op == "scan":
+            self._refuse_unless_holds_range(machine)
         try:
             return _read_from(machine, op, query)
         except CorruptValueError as error:
             raise self.quarantine.report(shard_id, error.key, str(error)) from error
+
+    def _refuse_unless_holds_key(self, machine: KVStateMachine, key: bytes) -> None:
+        start, end = machine.token_range()
+        try:
+            token = key_token(key.decode())
+        except UnicodeDecodeError as error:
+            raise InvalidRequest("a key must be UTF-8") from error
+        if not start <= token < end:
+            raise StaleShardMap(
+                f"key {key!r} left shard {machine.shard_id} in a split; refresh the map"
+            )
+
+    def _refuse_unless_holds_range(self, machine: KVStateMachine) -> None:
+        """A scan of a shard must cover the whole range the map gives it: a replica that
+        handed part of it to a split child (the map here not showing the child yet) refuses."""
+        start, end = machine.token_range()
+        try:
+            spec = self.shard_map.shard(machine.shard_id)
+        except KeyError:
+            raise StaleShardMap(f"shard {machine.shard_id} is not in this node's map yet") from None
+        if not start <= spec.start_token < spec.end_token <= end:
+            raise StaleShardMap(
+                f"shard {machine.shard_id} split: it holds tokens [{start}, {end}), the map "
+                f"(epoch {self.shard_map.epoch}) gives it [{spec.start_token}, {spec.end_token})"
+            )
 
     async def _forward_read(
         self,
@@ -868,7 +980,13 @@ class Router:
                         last_problem = f"node {target} is unreachable"
                     except StaleShardMap:
                         await self.refresh_map()  # then retry with the fresh replicas
-                        shard = self.shard_map.group(shard.id)
+                        fresh = self.shard_map.group(shard.id)
+                        if (fresh.start_token, fresh.end_token) != (
+                            shard.start_token,
+                            shard.end_token,
+                        ):
+                            raise  # split: the caller finds the keys' shards again
+                        shard = fresh
                         last_problem = "our shard map was stale"
                     except ShardUnavailable as error:
                         last_problem = error.message

@@ -13,36 +13,63 @@ import msgpack
 import xxhash
 
 _DIGEST = struct.Struct(">Q")
-_FORMAT = 1
+_FORMAT = 2  # 2 adds the shard's token range (format 1: a shard never split)
+_FORMATS = (1, 2)
 _LENGTH = struct.Struct(">I")
 
 Record = tuple[bytes, int, bytes]  # (key, version or entry index, value or outcome)
+TokenRange = tuple[int, int]  # [start, end) of the key tokens a shard holds
 
 
 def encode_shard_snapshot(
-    shard_id: int, applied: int, data: Sequence[Record], idem: Sequence[Record]
+    shard_id: int,
+    applied: int,
+    data: Sequence[Record],
+    idem: Sequence[Record],
+    token_range: TokenRange | None = None,  # None: never split, the shard's range is the map's
 ) -> bytes:
-    payload: bytes = msgpack.packb((_FORMAT, shard_id, applied, data, idem))
+    # As [start, last]: the ring's end (2**64) does not fit msgpack's integers.
+    inclusive = None if token_range is None else (token_range[0], token_range[1] - 1)
+    payload: bytes = msgpack.packb((_FORMAT, shard_id, applied, data, idem, inclusive))
     return _DIGEST.pack(xxhash.xxh64_intdigest(payload)) + payload
 
 
 def parse_shard_snapshot(blob: bytes, shard_id: int) -> tuple[int, list[Record], list[Record]]:
     """(applied index, data, idempotency records) of a KVStateMachine.snapshot() blob of
     shard_id, checksum verified; ValueError otherwise."""
+    applied, data, idem, _ = parse_shard_snapshot_with_range(blob, shard_id)
+    return applied, data, idem
+
+
+def parse_shard_snapshot_with_range(
+    blob: bytes, shard_id: int
+) -> tuple[int, list[Record], list[Record], TokenRange | None]:
+    """parse_shard_snapshot, plus the token range the shard kept after a split (None: never
+    split)."""
     if len(blob) < _DIGEST.size:
         raise ValueError("snapshot too short")
     payload = blob[_DIGEST.size :]
     if xxhash.xxh64_intdigest(payload) != _DIGEST.unpack_from(blob)[0]:
         raise ValueError(f"shard {shard_id}: snapshot failed its checksum")
     try:
-        form, blob_shard_id, applied, data, idem = msgpack.unpackb(payload, use_list=False)
+        form, blob_shard_id, applied, data, idem, *rest = msgpack.unpackb(payload, use_list=False)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"shard {shard_id}: malformed snapshot: {exc}") from exc
-    if form != _FORMAT or blob_shard_id != shard_id:
+    if form not in _FORMATS or blob_shard_id != shard_id or len(rest) != form - 1:
         raise ValueError(f"snapshot of shard {blob_shard_id} (format {form}), not {shard_id}")
     if type(applied) is not int or not isinstance(data, tuple) or not isinstance(idem, tuple):
         raise ValueError(f"shard {shard_id}: malformed snapshot header")
-    return applied, [_triple(item) for item in data], [_triple(item) for item in idem]
+    inclusive = rest[0] if rest else None
+    if inclusive is not None and not (
+        isinstance(inclusive, tuple)
+        and len(inclusive) == 2
+        and all(type(t) is int for t in inclusive)
+        and 0 <= inclusive[0] <= inclusive[1]
+    ):
+        raise ValueError(f"shard {shard_id}: malformed token range {inclusive!r:.100}")
+    token_range = None if inclusive is None else (inclusive[0], inclusive[1] + 1)
+    records = [_triple(item) for item in data]
+    return applied, records, [_triple(item) for item in idem], token_range
 
 
 def backup_summary(blob: bytes, shard_id: int) -> tuple[int, int, int]:

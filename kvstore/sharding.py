@@ -50,6 +50,16 @@ class Move:
 
 
 @dataclass(frozen=True, slots=True)
+class Split:
+    """A shard being cut in two: the keys at or above `split_token` go to the new shard
+    `child_id`, on the same replicas (docs/architecture.md, "Shard split")."""
+
+    shard: int
+    child_id: int
+    split_token: int
+
+
+@dataclass(frozen=True, slots=True)
 class ShardSpec:
     id: int
     start_token: int  # inclusive
@@ -70,6 +80,10 @@ class ShardMap:
     meta_voters: tuple[NodeId, ...]  # replica ids of the meta group
     moves: tuple[Move, ...] = ()  # in progress; at most one per group
     next_incarnation: int = 1  # the next new replica id's incarnation (never reused)
+    splits: tuple[Split, ...] = ()  # in progress; at most one per shard, none with a move
+    # Every finished split, which tells a node whether a shard's data comes from a handover
+    # (LocalReplicas waits for its local parent to hand it over, or starts it empty).
+    finished_splits: tuple[Split, ...] = ()
     _starts: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -115,6 +129,13 @@ class ShardMap:
     def group_ids(self) -> list[int]:
         return [META_GROUP_ID, *(shard.id for shard in self.shards)]
 
+    def split_of(self, shard_id: int) -> Split | None:
+        return next((split for split in self.splits if split.shard == shard_id), None)
+
+    def split_that_made(self, shard_id: int) -> Split | None:
+        """The finished split whose upper half `shard_id` is (None: a founding shard)."""
+        return next((x for x in self.finished_splits if x.child_id == shard_id), None)
+
     def move_of(self, group_id: int) -> Move | None:
         return next((move for move in self.moves if move.group == group_id), None)
 
@@ -150,6 +171,8 @@ class ShardMap:
                 list(self.meta_voters),
                 [(m.group, m.leaving, m.joining) for m in self.moves],
                 self.next_incarnation,
+                [(x.shard, x.child_id, x.split_token) for x in self.splits],
+                [(x.shard, x.child_id, x.split_token) for x in self.finished_splits],
             )
         )
         return packed
@@ -157,7 +180,9 @@ class ShardMap:
     @classmethod
     def decode(cls, data: bytes) -> ShardMap:
         epoch, shards, nodes, meta_voters, *elastic = msgpack.unpackb(data)
-        moves, next_incarnation = elastic if elastic else ([], 1)  # maps from before moves
+        # Maps from before moves have neither field; maps from before splits, no split fields.
+        moves, next_incarnation, *rest = elastic if elastic else ([], 1)
+        splits, finished = [*rest, [], []][:2]
         return cls(
             epoch=epoch,
             shards=tuple(
@@ -171,6 +196,8 @@ class ShardMap:
             meta_voters=tuple(NodeId(v) for v in meta_voters),
             moves=tuple(Move(g, NodeId(leaving), NodeId(joining)) for g, leaving, joining in moves),
             next_incarnation=next_incarnation,
+            splits=tuple(Split(shard, child, token) for shard, child, token in splits),
+            finished_splits=tuple(Split(shard, child, token) for shard, child, token in finished),
         )
 
 

@@ -26,6 +26,7 @@ from kvstore.commands import (
     FAILED_INVALID,
     FAILED_NOT_FOUND,
     FAILED_PRECONDITION,
+    FAILED_WRONG_SHARD,
     BatchWritten,
     Delete,
     Failed,
@@ -36,6 +37,8 @@ from kvstore.commands import (
     ReplicaHash,
     Restored,
     RestoreShard,
+    SplitApplied,
+    SplitShard,
     Txn,
     decode_command,
     decode_outcome,
@@ -53,7 +56,15 @@ from kvstore.service import (
     TxnOpResult,
     TxnResult,
 )
-from kvstore.shard_snapshot import content_digest, encode_shard_snapshot, parse_shard_snapshot
+from kvstore.shard_snapshot import (
+    Record,
+    TokenRange,
+    content_digest,
+    encode_shard_snapshot,
+    parse_shard_snapshot,
+    parse_shard_snapshot_with_range,
+)
+from kvstore.sharding import TOKEN_SPACE, key_token
 from raft.core.messages import Entry, EntryKind, Snapshot
 from raft.core.types import LogIndex
 
@@ -72,6 +83,9 @@ _SHARD_BYTES = _SHARD.size
 _RECORD = struct.Struct(">QQ")
 _KEY_LENGTH = struct.Struct(">I")  # long keys only: the full key follows the record header
 _META = struct.Struct(">QQ")  # applied index, key count; then their xxh64 seeded with the shard
+# shard + this -> the [start, last] tokens the shard keeps since a split (absent: never split)
+_RANGE_SUFFIX = b"range"
+_RANGE = struct.Struct(">QQ")
 _META_NAME = "(shard metadata)"  # what CorruptValueError names for a bad kv.meta record
 _HASHED_RECORD = struct.Struct(">IQI")  # key length, version, value length; then key, value
 _MAX_U64 = (1 << 64) - 1
@@ -216,9 +230,11 @@ class KVStateMachine:
         return results
 
     def snapshot(self) -> bytes:
-        """Data, idempotency records and applied index, from one read transaction."""
+        """Data, idempotency records, applied index and (after a split) the token range, from
+        one read transaction."""
         with self._env.begin() as txn:
             applied, _ = self._read_meta(txn)
+            token_range = self._read_range(txn) if self._has_split(txn) else None
             data = list(self._records(txn.cursor(db=self._data), self._prefix))
             idem = []
             cursor = txn.cursor(db=self._idem)
@@ -227,13 +243,17 @@ class KVStateMachine:
                     if not stored.startswith(self._prefix):
                         break
                     idem.append(self._open(stored, raw))
-        return encode_shard_snapshot(self.shard_id, applied, data, idem)
+        return encode_shard_snapshot(self.shard_id, applied, data, idem, token_range)
 
     def restore(self, txn: lmdb.Transaction[bytes], snapshot: Snapshot) -> None:
         """Replace this shard's state (and only this shard's) by `snapshot`."""
-        data, idem = self._parse_snapshot(snapshot)
+        data, idem, token_range = self._parse_snapshot(snapshot)
         for db in (self._data, self._idem, self._idem_by_index):
             _delete_range(txn.cursor(db=db), self._prefix)
+        if token_range is None:
+            txn.delete(self._prefix + _RANGE_SUFFIX, db=self._meta)
+        else:
+            self._write_range(txn, *token_range)
         prefix = self._prefix
         txn.cursor(db=self._data).putmulti(
             [
@@ -253,6 +273,7 @@ class KVStateMachine:
             for db in (self._data, self._idem, self._idem_by_index, self._checks):
                 _delete_range(txn.cursor(db=db), self._prefix)
             txn.delete(self._prefix, db=self._meta)
+            txn.delete(self._prefix + _RANGE_SUFFIX, db=self._meta)
 
     # ------------------------------------------------------------------ reads
 
@@ -494,6 +515,31 @@ class KVStateMachine:
         applied, key_count = _META.unpack(head)
         return LogIndex(applied), key_count
 
+    def token_range(self) -> tuple[int, int]:
+        """The [start, end) of key tokens this replica holds: the whole ring until a split
+        here handed part of it to another shard."""
+        with self._env.begin(db=self._meta) as txn:
+            return self._read_range(txn)
+
+    def has_split_range(self) -> bool:
+        """Whether this replica's range came from a split (its own, or the handover that
+        created it as a child), rather than being the shard map's founding range."""
+        with self._env.begin(db=self._meta) as txn:
+            return self._has_split(txn)
+
+    def _has_split(self, txn: lmdb.Transaction[bytes]) -> bool:
+        return txn.get(self._prefix + _RANGE_SUFFIX, db=self._meta) is not None
+
+    def _read_range(self, txn: lmdb.Transaction[bytes]) -> tuple[int, int]:
+        raw = txn.get(self._prefix + _RANGE_SUFFIX, db=self._meta)
+        if raw is None:
+            return 0, TOKEN_SPACE
+        start, last = _RANGE.unpack(raw)
+        return start, last + 1
+
+    def _write_range(self, txn: lmdb.Transaction[bytes], start: int, end: int) -> None:
+        txn.put(self._prefix + _RANGE_SUFFIX, _RANGE.pack(start, end - 1), db=self._meta)
+
     def _write_meta(self, txn: lmdb.Transaction[bytes], applied: int, key_count: int) -> None:
         head = _META.pack(applied, key_count)
         record = head + _INDEX.pack(xxhash.xxh64_intdigest(head, self.shard_id))
@@ -548,11 +594,13 @@ class KVStateMachine:
 
     def _parse_snapshot(
         self, snapshot: Snapshot
-    ) -> tuple[list[tuple[bytes, int, bytes]], list[tuple[bytes, int, bytes]]]:
-        applied, data, idem = parse_shard_snapshot(snapshot.data, self.shard_id)
+    ) -> tuple[list[Record], list[Record], TokenRange | None]:
+        applied, data, idem, token_range = parse_shard_snapshot_with_range(
+            snapshot.data, self.shard_id
+        )
         if applied != snapshot.meta.index:
             raise ValueError(f"snapshot data is at index {applied}, not {snapshot.meta.index}")
-        return data, idem
+        return data, idem, token_range
 
 
 def _delete_range(cursor: lmdb.Cursor[bytes], prefix: bytes) -> None:
@@ -592,6 +640,12 @@ class _Batch:
             return machine._record_check(self.txn, index)
         if isinstance(command, RestoreShard):
             return self._restore(command, index)
+        if isinstance(command, SplitShard):
+            return self._split(command, index)
+        outside = self._key_outside_range(command)
+        if outside is not None:
+            message = f"key {outside!r} left shard {machine.shard_id} in a split; refresh the map"
+            return Failed(FAILED_WRONG_SHARD, message, 0)
         idempotency_key = command.idempotency_key
         if idempotency_key is not None:
             recorded = machine._find_outcome(self.txn, idempotency_key, index)
@@ -612,6 +666,65 @@ class _Batch:
                 self._write(key, value, index)
             return BatchWritten(index)
         return self._txn(command, index)
+
+    def _key_outside_range(self, command: Put | Delete | Txn | PutBatch) -> str | None:
+        start, end = self.machine._read_range(self.txn)
+        if (start, end) == (0, TOKEN_SPACE):
+            return None  # never split: every key the router sends here is ours
+        if isinstance(command, Put | Delete):
+            keys: list[str] = [command.key]
+        elif isinstance(command, PutBatch):
+            keys = [key for key, _ in command.items]
+        else:
+            request = command.request
+            keys = [c.key for c in request.compare]
+            keys += [op.key for op in (*request.success, *request.failure)]
+        return next((key for key in keys if not start <= key_token(key) < end), None)
+
+    def _split(self, command: SplitShard, index: int) -> Outcome:
+        """Hand the keys at or above the split token, and copies of the idempotency records
+        (a retried write then finds its outcome on either side), to the child shard."""
+        machine, txn = self.machine, self.txn
+        start, end = machine._read_range(txn)
+        split = command.split_token
+        if not start < split < end:
+            message = f"split token {split} is not inside shard {machine.shard_id}'s range"
+            return Failed(FAILED_INVALID, message, 0)
+        child = KVStateMachine(
+            machine._env,
+            command.child_id,
+            dbs=KVDatabases(
+                machine._data, machine._meta, machine._idem, machine._idem_by_index, machine._checks
+            ),
+            cipher=machine._cipher,
+        )
+        moving = [
+            (stored, key, version, value)
+            for stored, key, version, value in _records(machine, txn, machine._data)
+            if key_token(key.decode()) >= split
+        ]
+        for stored, _, _, _ in moving:
+            txn.delete(stored, db=machine._data)
+        self.key_count -= len(moving)
+        machine._write_range(txn, start, split)
+        if child._has_split(txn):
+            # This replica of the child already exists (started empty and given a snapshot by
+            # the child's leader, while this parent replica lagged): it must not be overwritten.
+            return SplitApplied(index, len(moving), self.key_count)
+        for _, key, version, value in moving:
+            txn.put(
+                _stored_key(child._prefix, key), child._seal(key, version, value), db=child._data
+            )
+        for _, key, entry_index, outcome in _records(machine, txn, machine._idem):
+            txn.put(
+                _stored_key(child._prefix, key),
+                child._seal(key, entry_index, outcome),
+                db=child._idem,
+            )
+            txn.put(child._prefix + _INDEX.pack(entry_index), key, db=child._idem_by_index)
+        child._write_meta(txn, 0, len(moving))
+        child._write_range(txn, split, end)
+        return SplitApplied(index, len(moving), self.key_count)
 
     def _restore(self, command: RestoreShard, index: int) -> Outcome:
         machine = self.machine
@@ -701,6 +814,20 @@ class _Batch:
         stored = _stored_key(self.machine._prefix, key.encode())
         if self.txn.delete(stored, db=self.machine._data):
             self.key_count -= 1
+
+
+def _records(
+    machine: KVStateMachine, txn: lmdb.Transaction[bytes], db: Any
+) -> list[tuple[bytes, bytes, int, bytes]]:
+    """(stored key, full key, version, value) of every record of the machine's shard in db."""
+    found = []
+    cursor = txn.cursor(db=db)
+    if cursor.set_range(machine._prefix):
+        for stored, raw in cursor.iternext():
+            if not stored.startswith(machine._prefix):
+                break
+            found.append((stored, *machine._open(stored, raw)))
+    return found
 
 
 def _precondition_failed(key: str, current: int, expected: int) -> Failed:

@@ -324,6 +324,13 @@ class RaftHost:
             group.snapshot_wanted = True  # taken after the group's next Ready (a heartbeat)
             await asyncio.sleep(0.02)
 
+    def request_snapshot(self, group_id: int) -> None:
+        """Snapshot the group and compact its log behind it as soon as it applies an entry
+        (a new group: its bootstrap entries, before any election), so no replica is ever sent
+        its log from index 1, only a snapshot."""
+        self._group(group_id).snapshot_wanted = True
+        self._wake.set()
+
     def quarantine(self, group_id: int) -> None:
         """This replica must stop leading group_id for good (until the process restarts): it
         never campaigns again, and if it leads it hands leadership to another voter."""
@@ -587,13 +594,14 @@ class RaftHost:
     def _maybe_snapshot(self, group: _Group) -> None:
         node = group.node
         applied = node.last_applied
-        wanted, group.snapshot_wanted = group.snapshot_wanted, False
         if applied <= group.snapshot_index:
-            return
+            return  # nothing new: a wanted snapshot waits for the next applied entry
+        wanted = group.snapshot_wanted
         if not wanted and applied - group.snapshot_index < self.config.snapshot_every_entries:
             return
         data = group.state_machine.snapshot()
         self._store.create_snapshot(group.id, applied, node.conf_at(applied), data)
+        group.snapshot_wanted = False
         group.snapshot_index = applied
         self.metrics.snapshots_created += 1
 

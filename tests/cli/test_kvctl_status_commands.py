@@ -25,6 +25,13 @@ def test_cluster_status_shows_health_nodes_and_leaderless_shards(api, run):
     assert node_rows["3"][3] == "no"
 
 
+def test_cluster_status_shows_splits_in_progress(api, run):
+    api.cluster_status["splits"] = [{"shard": 1, "child": 3, "split_token": 1 << 62}]
+    result = run("--endpoints", api.url, "cluster", "status")
+    assert result.exit_code == 0
+    assert "splitting: shard 1 -> new shard 3" in result.stdout
+
+
 def test_cluster_status_json_is_the_servers_answer(api, run):
     result = run("--endpoints", api.url, "cluster", "status", "--json")
     assert json.loads(result.stdout) == api.cluster_status

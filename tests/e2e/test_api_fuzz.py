@@ -19,6 +19,10 @@ pytestmark = pytest.mark.e2e
 
 SPEC = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
 SCHEMATHESIS = Path(sys.executable).with_name("st")
+# A generated shard id is often a real one: each request would really split a shard, and a
+# new shard's first election makes /ready answer 503 meanwhile. Its bad inputs are pinned in
+# tests/kvstore/test_admin_api.py; tests/e2e/test_shard_split.py splits for real.
+NOT_FUZZED = ("splitShard",)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +56,7 @@ def fuzz(cluster: KVCluster, workdir: Path, *, examples: int, checks: str, seed:
         "--no-color",
         "--output-truncate",
         "true",
+        *(arg for op in NOT_FUZZED for arg in ("--exclude-operation-id", op)),
     ]
     done = subprocess.run(
         command, cwd=workdir, capture_output=True, text=True, timeout=900, check=False
@@ -66,11 +71,11 @@ def test_no_generated_request_gets_a_5xx(cluster: KVCluster, tmp_path: Path) -> 
     output = fuzz(cluster, tmp_path, examples=10, checks="not_a_server_error", seed=1)
     spec = json.loads(SPEC.read_text())
     operations = sum(
-        method in {"get", "put", "post", "delete"}
+        method in {"get", "put", "post", "delete"} and operation["operationId"] not in NOT_FUZZED
         for item in spec["paths"].values()
-        for method in item
+        for method, operation in item.items()
     )
-    assert f"{operations} selected" in output  # every route of the spec was exercised
+    assert f"{operations} selected" in output  # every other route of the spec was exercised
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """An in-memory AdminService for HTTP tests of kvstore.admin_api: shard 1 and 2 exist; a
 "backup" of shard N is b"backup-of-N" followed by its data. And a meta proposer that records
-the shard map changes the membership routes propose."""
+the shard map changes the membership and split routes propose (over a 2-shard map)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from kvstore.admin_api import ShardBackup, ShardRestored
 from kvstore.errors import InvalidRequest, NotFound, PreconditionFailed
 from kvstore.map_changes import MapChange, decode_change
 from kvstore.service import KeyVersion, Limits, RequestContext
-from kvstore.sharding import META_GROUP_ID
+from kvstore.sharding import META_GROUP_ID, NodeInfo, ShardMap, initial_shard_map
+from raft.core.types import NodeId
 
 SHARDS = (1, 2)
 
@@ -58,6 +59,11 @@ class FakeAdminService:
 class RecordingMetaProposer:
     changes: list[MapChange] = field(default_factory=list)
     refuse: bool = False  # answer every change as the meta group refusing it
+    shard_map: ShardMap = field(
+        default_factory=lambda: initial_shard_map(
+            [NodeInfo(NodeId(1), "http://127.0.0.1:1", ("127.0.0.1", 2))], len(SHARDS), 1
+        )
+    )
 
     async def propose(self, shard_id: int, command: bytes, ctx: RequestContext) -> object:
         if shard_id != META_GROUP_ID:

@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry
 
 from kvstore.admin_api import add_admin_routes
 from kvstore.http_api import create_app
-from kvstore.map_changes import AddNode, DrainNode
-from kvstore.sharding import NodeInfo
+from kvstore.map_changes import AddNode, DrainNode, StartSplit
+from kvstore.sharding import TOKEN_SPACE, NodeInfo
 from raft.core.types import NodeId
 from tests.kvstore.fake_admin import FakeAdminService, RecordingMetaProposer
 from tests.kvstore.fake_service import FakeKVService
@@ -112,6 +112,26 @@ async def test_draining_a_node_proposes_it(client, proposer):
     response = await client.post("/v1/admin/nodes/3/drain")
     assert response.status == 200
     assert proposer.changes == [DrainNode(NodeId(3))]
+
+
+async def test_splitting_a_shard_proposes_a_cut_at_the_middle_of_its_range(client, proposer):
+    response = await client.post("/v1/admin/shards/2/split")
+    assert response.status == 200
+    assert await response.json() == {"epoch": 8}
+    upper_half = proposer.shard_map.shard(2)
+    assert upper_half.end_token == TOKEN_SPACE
+    middle = (upper_half.start_token + TOKEN_SPACE) // 2
+    assert proposer.changes == [StartSplit(2, middle)]
+
+
+@pytest.mark.parametrize(("shard", "status"), [("9", 404), ("x", 400), ("-1", 400)])
+async def test_splitting_a_bad_shard_is_a_json_error_and_proposes_nothing(
+    client, proposer, shard, status
+):
+    response = await client.post(f"/v1/admin/shards/{shard}/split")
+    assert response.status == status
+    assert "error" in await response.json()
+    assert proposer.changes == []
 
 
 @pytest.mark.parametrize(

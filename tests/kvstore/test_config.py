@@ -67,6 +67,7 @@ def test_the_unsafe_fault_switch_is_refused_unless_the_test_flag_is_given(tmp_pa
     [
         ('client_listen = "nope"\n', "HOST:PORT"),
         ("[limits]\nmax_value_bytes = 'big'\n", "invalid setting"),
+        ("[elastic]\nsplit_keys = -1\n", "split_keys"),
     ],
 )
 def test_bad_settings_say_what_is_wrong(tmp_path, extra, message):
@@ -78,6 +79,12 @@ def test_bad_settings_say_what_is_wrong(tmp_path, extra, message):
     )
     with pytest.raises(ConfigError, match=message):
         load_config(["--config", str(path)])
+
+
+def test_automatic_splits_are_off_unless_a_key_count_is_set(tmp_path):
+    assert load_config(["--config", str(write(tmp_path))]).split_keys == 0
+    path = write(tmp_path, "[elastic]\nsplit_keys = 500000\n")
+    assert load_config(["--config", str(path)]).split_keys == 500_000
 
 
 def test_a_node_missing_from_the_cluster_is_refused(tmp_path):

@@ -8,11 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.commands import Put, encode_command
+from kvstore.commands import Put, SplitShard, encode_command
 from kvstore.local_replicas import LocalReplicas
-from kvstore.map_changes import AddNode, FinishMove, StartMove, apply_change
+from kvstore.map_changes import (
+    AddNode,
+    FinishMove,
+    FinishSplit,
+    StartMove,
+    StartSplit,
+    apply_change,
+)
 from kvstore.meta import MetaStateMachine
-from kvstore.sharding import META_GROUP_ID, NodeInfo, ShardMap, initial_shard_map
+from kvstore.sharding import META_GROUP_ID, NodeInfo, ShardMap, initial_shard_map, key_token
 from kvstore.state_machine import KVStateMachine
 from raft.core.messages import Entry
 from raft.core.types import LogIndex, NodeId, Term, node_of
@@ -102,3 +109,62 @@ def test_state_left_by_a_crash_before_the_wipe_is_wiped_before_a_new_replica_sta
     node.replicas.sync(back)
     assert node.shards[2].get("stale") is None
     assert node.shards[2].applied_index() == 0
+
+
+def split_shard_one(shard_map: ShardMap) -> tuple[ShardMap, int]:
+    """The map after shard 1 split at its middle (FinishSplit), and the new shard's id."""
+    parent = shard_map.shard(1)
+    middle = (parent.start_token + parent.end_token) // 2
+    started = apply_change(shard_map, StartSplit(1, middle))
+    (split,) = started.splits
+    return apply_change(started, FinishSplit(split)), split.child_id
+
+
+def apply_to(node: Node, shard_id: int, command: SplitShard) -> None:
+    machine = node.shards[shard_id]
+    entry = Entry(Term(1), LogIndex(machine.applied_index() + 1), encode_command(command))
+    with node.store.env.begin(write=True) as txn:
+        machine.apply(txn, [entry])
+
+
+def test_a_split_half_starts_from_the_handover_waits_for_it_or_starts_empty(node: Node):
+    shard_map = founding()
+    node.replicas.sync(shard_map)
+    keys = [f"k{i}" for i in range(40)]
+    for key in keys:
+        node.write_key(1, key)
+    finished, child = split_shard_one(shard_map)
+    node.replicas.sync(finished)
+    assert not node.host.has_group(child)  # the local parent has not handed over yet: wait
+    split_token = finished.shard(child).start_token
+    apply_to(node, 1, SplitShard(child, split_token))
+    node.replicas.sync(finished)
+    assert node.host.has_group(child)  # from the handed-over data, with the parent's voters
+    assert node.host.status(child).voters == tuple(sorted(finished.shard(child).replicas))
+    moved = [key for key in keys if key_token(key) >= split_token]
+    assert moved
+    assert all(node.shards[child].get(key) is not None for key in moved)
+
+
+def test_a_split_half_whose_local_parent_skipped_the_split_starts_empty(node: Node):
+    shard_map = founding()
+    finished, child = split_shard_one(shard_map)
+    node.replicas.sync(finished)  # a parent that is past the split: it holds only its half
+    with node.store.env.begin(write=True) as txn:
+        node.shards[1]._write_range(txn, 0, finished.shard(child).start_token)
+    node.replicas.sync(finished)
+    assert node.host.has_group(child)
+    assert node.host.status(child).voters == ()  # a joiner: it learns the group by snapshot
+
+
+def test_a_split_half_started_from_the_handover_compacts_its_log_at_once(node: Node):
+    """Its data did not come through its log: an empty replica must get a snapshot of it."""
+    shard_map = founding()
+    node.replicas.sync(shard_map)
+    for key in ("a", "b", "c"):
+        node.write_key(1, key)
+    finished, child = split_shard_one(shard_map)
+    apply_to(node, 1, SplitShard(child, finished.shard(child).start_token))
+    node.replicas.sync(finished)
+    assert node.host.has_group(child)
+    assert node.host._group(child).snapshot_wanted

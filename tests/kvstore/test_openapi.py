@@ -48,6 +48,7 @@ EXPECTED_ERRORS: dict[tuple[str, str], set[str]] = {
     ("DELETE", "/v1/auth/users/{name}"): {"400", "404"} | SERVICE_ERRORS | AUTHORIZED,
     ("POST", "/v1/admin/nodes"): {"400", "412", "413"} | SERVICE_ERRORS | AUTHORIZED,
     ("POST", "/v1/admin/nodes/{node_id}/drain"): {"400", "412"} | SERVICE_ERRORS | AUTHORIZED,
+    ("POST", "/v1/admin/shards/{shard}/split"): {"400", "404", "412"} | SERVICE_ERRORS | AUTHORIZED,
 }
 
 

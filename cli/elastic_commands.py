@@ -226,7 +226,8 @@ def split_command(shard_id: int, wait: bool, wait_timeout: float) -> None:
             client,
             what=f"splitting shard {shard_id}",
             remaining=splitting,
-            is_done=lambda status: splitting(status) == 0,
+            # Past the split's own epoch: a node whose map lags the split shows none under way.
+            is_done=lambda status: int(status.get("epoch", 0)) > epoch and splitting(status) == 0,
             timeout_s=wait_timeout,
             show_bar=not settings.json_output,
         )

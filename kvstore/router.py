@@ -86,7 +86,7 @@ from kvstore.service import (
     TxnResult,
 )
 from kvstore.sharding import META_GROUP_ID, ShardMap, ShardSpec, key_token
-from kvstore.state_machine import CorruptValueError, KVStateMachine
+from kvstore.state_machine import CorruptValueError, KVStateMachine, RangeMovedError
 from raft.core.errors import NotLeader, ProposalDropped
 from raft.core.types import NO_NODE, NodeId, node_of
 from raft.runtime.host import OutcomeUnknown as RaftOutcomeUnknown
@@ -520,7 +520,15 @@ class Router:
                 await self._wait_applied(machine, await self._leader_read_point(plan.shard))
             else:
                 await self._host.read_barrier(plan.shard)  # §6.4 ReadIndex: the read point
-        self._refuse_unless_holds_range(machine)
+        # NB: checked before the scan's own read transaction, not inside it: a split committing
+        # in between can still hide the moved keys from this query (docs: known limits).
+        span = self._span_read_by(machine, "scan", b"")
+        held = machine.token_range()
+        if span is not None and not held[0] <= span[0] < span[1] <= held[1]:
+            raise StaleShardMap(
+                f"shard {machine.shard_id} split: it holds tokens {held}, the map gives it "
+                f"{span}; refresh the map"
+            )
         return scan_shard(
             machine,
             plan,
@@ -837,39 +845,43 @@ class Router:
         if machine is None:
             raise NotLeaderHere(f"no replica of shard {shard_id} on node {self.node_id}")
         self.quarantine.refuse_if_quarantined(shard_id)
-        if op == "get":
-            self._refuse_unless_holds_key(machine, query)
-        elif op == "scan":
-            self._refuse_unless_holds_range(machine)
+        must_hold = self._span_read_by(machine, op, query)
         try:
-            return _read_from(machine, op, query)
+            return _read_from(machine, op, query, must_hold)
         except CorruptValueError as error:
             raise self.quarantine.report(shard_id, error.key, str(error)) from error
+        except RangeMovedError as moved:
+            start, end = moved.held
+            if op == "get":
+                message = f"key {query!r} left shard {machine.shard_id} in a split"
+            else:
+                message = (
+                    f"shard {machine.shard_id} split: it holds tokens [{start}, {end}), the map "
+                    f"(epoch {self.shard_map.epoch}) gives it {must_hold}"
+                )
+            raise StaleShardMap(message + "; refresh the map") from None
 
-    def _refuse_unless_holds_key(self, machine: KVStateMachine, key: bytes) -> None:
-        start, end = machine.token_range()
-        try:
-            token = key_token(key.decode())
-        except UnicodeDecodeError as error:
-            raise InvalidRequest("a key must be UTF-8") from error
-        if not start <= token < end:
-            raise StaleShardMap(
-                f"key {key!r} left shard {machine.shard_id} in a split; refresh the map"
-            )
-
-    def _refuse_unless_holds_range(self, machine: KVStateMachine) -> None:
-        """A scan of a shard must cover the whole range the map gives it: a replica that
-        handed part of it to a split child (the map here not showing the child yet) refuses."""
-        start, end = machine.token_range()
-        try:
-            spec = self.shard_map.shard(machine.shard_id)
-        except KeyError:
-            raise StaleShardMap(f"shard {machine.shard_id} is not in this node's map yet") from None
-        if not start <= spec.start_token < spec.end_token <= end:
-            raise StaleShardMap(
-                f"shard {machine.shard_id} split: it holds tokens [{start}, {end}), the map "
-                f"(epoch {self.shard_map.epoch}) gives it [{spec.start_token}, {spec.end_token})"
-            )
+    def _span_read_by(
+        self, machine: KVStateMachine, op: str, query: bytes
+    ) -> tuple[int, int] | None:
+        """The tokens a get or scan needs this replica to hold, checked in the read's own
+        transaction: a get its key's; a scan the whole range the map gives the shard (a replica
+        that handed part of it to a split child, the map here not showing the child yet,
+        refuses)."""
+        if op == "get":
+            try:
+                token = key_token(query.decode())
+            except UnicodeDecodeError as error:
+                raise InvalidRequest("a key must be UTF-8") from error
+            return token, token + 1
+        if op == "scan":
+            try:
+                spec = self.shard_map.shard(machine.shard_id)
+            except KeyError:
+                message = f"shard {machine.shard_id} is not in this node's map yet"
+                raise StaleShardMap(message) from None
+            return spec.start_token, spec.end_token
+        return None
 
     async def _forward_read(
         self,
@@ -1048,17 +1060,20 @@ class _ShardAnswer:
         raise ShardUnavailable(f"node {node}'s answer ended before it was complete")
 
 
-def _read_from(machine: KVStateMachine, op: str, query: bytes) -> bytes:
+def _read_from(
+    machine: KVStateMachine, op: str, query: bytes, must_hold: tuple[int, int] | None = None
+) -> bytes:
     if op == "get":
         try:
             key = query.decode()
         except UnicodeDecodeError as error:
             raise InvalidRequest("a key must be UTF-8") from error
-        found = machine.get(key)
+        found = machine.get(key, must_hold=must_hold)
         return encode_key_values([found] if found else [])
     if op == "scan":
         prefix, start, end, after, limit = _decode_scan_query(query)
-        return encode_key_values(machine.scan(prefix, start, end, after, limit))
+        scanned = machine.scan(prefix, start, end, after, limit, must_hold=must_hold)
+        return encode_key_values(scanned)
     if op == "applied":  # a read point for a follower read
         packed: bytes = msgpack.packb(machine.applied_index())
         return packed

@@ -103,6 +103,14 @@ _LONG_LMDB_KEY_BYTES = _LONG_HEAD_BYTES + 1 + 16
 _first = itemgetter(0)
 
 
+class RangeMovedError(Exception):
+    """A read needed tokens this replica no longer holds (a split handed them over)."""
+
+    def __init__(self, held: tuple[int, int]) -> None:
+        super().__init__(f"this replica holds tokens [{held[0]}, {held[1]})")
+        self.held = held
+
+
 class CorruptValueError(Exception):
     """A stored record failed its checksum or does not belong to its key. Stops the node."""
 
@@ -277,8 +285,11 @@ class KVStateMachine:
 
     # ------------------------------------------------------------------ reads
 
-    def get(self, key: str) -> KeyValue | None:
+    def get(self, key: str, *, must_hold: tuple[int, int] | None = None) -> KeyValue | None:
+        """must_hold: raise RangeMovedError unless this replica holds that token span, checked
+        in the read's own transaction (a split committing in between cannot slip past)."""
         with self._env.begin(db=self._data) as txn:
+            self._require_range(txn, must_hold)
             found = self._lookup(txn, key)
         return None if found is None else KeyValue(key, found[1], found[0])
 
@@ -289,9 +300,12 @@ class KVStateMachine:
         end: str | None = None,
         after: str | None = None,
         limit: int = 1000,
+        *,
+        must_hold: tuple[int, int] | None = None,
     ) -> list[KeyValue]:
         """Keys k with k.startswith(prefix), start <= k < end, k > after (each when given), in
-        UTF-8 byte order (which is code point order), at most `limit` of them."""
+        UTF-8 byte order (which is code point order), at most `limit` of them. must_hold: as
+        for get."""
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
         prefix_bytes = prefix.encode()
@@ -306,6 +320,7 @@ class KVStateMachine:
         if limit == 0:
             return found
         with self._env.begin(db=self._data) as txn:
+            self._require_range(txn, must_hold)
             first = self._prefix + low[:_INLINE_KEY_BYTES]  # at or before the first match
             for key, version, value in self._records(txn.cursor(), first):
                 if key < low or (after_bytes is not None and key <= after_bytes):
@@ -529,6 +544,13 @@ class KVStateMachine:
 
     def _has_split(self, txn: lmdb.Transaction[bytes]) -> bool:
         return txn.get(self._prefix + _RANGE_SUFFIX, db=self._meta) is not None
+
+    def _require_range(self, txn: lmdb.Transaction[bytes], span: tuple[int, int] | None) -> None:
+        if span is None:
+            return
+        held = self._read_range(txn)
+        if not held[0] <= span[0] < span[1] <= held[1]:
+            raise RangeMovedError(held)
 
     def _read_range(self, txn: lmdb.Transaction[bytes]) -> tuple[int, int]:
         raw = txn.get(self._prefix + _RANGE_SUFFIX, db=self._meta)

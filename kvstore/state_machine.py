@@ -13,6 +13,7 @@ bytes; reads, scans, snapshots and data_hash see plaintext, so replicas with dif
 from __future__ import annotations
 
 import contextlib
+import itertools
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -164,12 +165,21 @@ class KVDatabases:
         )
 
 
+RowBatch = list[tuple[bytes, bytes]]  # (UTF-8 key, value) pairs in key order
+ROWS_PER_BATCH = 512  # rows a scan hands over at once: one generator hop per batch, not per row
+
+
 @dataclass(frozen=True, slots=True)
 class ReadView:
-    """One shard as of one LMDB read transaction: every row at exactly `applied_index`."""
+    """One shard as of one LMDB read transaction: every row at exactly `applied_index`.
+
+    row_batches(low, values): the rows from a key (UTF-8 bytes) on, in key order, in lists of
+    up to ROWS_PER_BATCH; it may start a little before `low` (callers skip those). Every value
+    is checked against its checksum and decrypted. values=False reads keys only, each paired
+    with b"": a value that is never read is not verified either (a count by key reads none)."""
 
     applied_index: int
-    rows_from: Callable[[str], Iterator[tuple[str, bytes]]]  # (key, value) from a key on
+    row_batches: Callable[[bytes, bool], Iterator[RowBatch]]
 
 
 def _associated_data(prefix: bytes, version: int, key: bytes) -> bytes:
@@ -335,40 +345,72 @@ class KVStateMachine:
         return found
 
     @contextlib.contextmanager
-    def read_view(self) -> Iterator[ReadView]:
+    def read_view(self, *, must_hold: tuple[int, int] | None = None) -> Iterator[ReadView]:
         """A consistent snapshot for long reads (queries): LMDB's MVCC keeps the rows of this
-        read transaction unchanged while writes go on, so a scan sees one applied index."""
+        read transaction unchanged while writes go on, so a scan sees one applied index.
+        must_hold: as for get, checked in this same transaction."""
         with self._env.begin() as txn:
+            self._require_range(txn, must_hold)
             applied, _ = self._read_meta(txn)
 
-            def rows_from(low: str) -> Iterator[tuple[str, bytes]]:
-                # The scan loop of queries, so _records with _open inlined for short keys (a
-                # long key hands the rest of the scan to _records, which sorts their runs).
+            def row_batches(low: bytes, values: bool = True) -> Iterator[RowBatch]:
+                # The scan loop of queries, most of a query's cost per row: _records with _open
+                # inlined for short keys, each batch cut by islice (a long key hands the rest
+                # of the scan to _records, which sorts their runs).
                 prefix, header, digest = self._prefix, _RECORD.size, xxhash.xxh64_intdigest
-                unpack = _RECORD.unpack_from
+                unpack, long_key, encrypted = (
+                    _RECORD.unpack_from,
+                    _LONG_LMDB_KEY_BYTES,
+                    _ENCRYPTED_FLAG,
+                )
                 cursor = txn.cursor(db=self._data)
-                if not cursor.set_range(self._prefix + low.encode()[:_INLINE_KEY_BYTES]):
+                if not cursor.set_range(prefix + low[:_INLINE_KEY_BYTES]):
                     return
-                for stored, raw in cursor.iternext():
-                    if not stored.startswith(prefix):
-                        return
-                    if len(stored) == _LONG_LMDB_KEY_BYTES:  # the first of its run: hand over
-                        for key, _version, value in self._records(
-                            txn.cursor(db=self._data), stored
-                        ):
-                            yield key.decode(), value
-                        return
-                    if len(raw) < header:
-                        self._open(stored, raw)  # raises CorruptValueError: truncated
-                    key, value = stored[_SHARD_BYTES:], raw[header:]
-                    version, checksum = unpack(raw)
-                    if digest(key + value, version) != checksum:
-                        self._open(stored, raw)  # raises CorruptValueError, saying why
-                    if version & _ENCRYPTED_FLAG:
-                        value = self._unseal(stored, key, version ^ _ENCRYPTED_FLAG, value)
-                    yield key.decode(), value
+                stored_rows: Iterator[tuple[bytes, bytes]] = (
+                    cursor.iternext()
+                    if values
+                    else zip(cursor.iternext(values=False), itertools.repeat(b""))
+                )
+                while True:
+                    batch: RowBatch = []
+                    append = batch.append
+                    for stored, raw in itertools.islice(stored_rows, ROWS_PER_BATCH):
+                        if not stored.startswith(prefix):
+                            break
+                        if len(stored) == long_key:  # the first of its run: hand over
+                            rest = (
+                                (key, value if values else b"")
+                                for key, _version, value in self._records(
+                                    txn.cursor(db=self._data), stored
+                                )
+                            )
+                            batch.extend(itertools.islice(rest, ROWS_PER_BATCH - len(batch)))
+                            while batch:
+                                yield batch
+                                batch = list(itertools.islice(rest, ROWS_PER_BATCH))
+                            return
+                        key = stored[_SHARD_BYTES:]
+                        if values:
+                            value = raw[header:]
+                            try:
+                                version, checksum = unpack(raw)
+                            except struct.error:
+                                self._open(stored, raw)  # raises CorruptValueError: truncated
+                            if digest(key + value, version) != checksum:
+                                self._open(stored, raw)  # raises CorruptValueError, saying why
+                            if version & encrypted:
+                                value = self._unseal(stored, key, version ^ encrypted, value)
+                            raw = value
+                        append((key, raw))
+                    else:
+                        if len(batch) == ROWS_PER_BATCH:
+                            yield batch
+                            continue
+                    if batch:  # the cursor left the shard, or reached the end of the data
+                        yield batch
+                    return
 
-            yield ReadView(applied, rows_from)
+            yield ReadView(applied, row_batches)
 
     def count(self) -> int:
         with self._env.begin() as txn:

@@ -47,8 +47,11 @@ _encode_str: Final[Callable[[str], str]] = json.encoder.encode_basestring_ascii
 
 
 # orjson reads an integer past 64 bits as a float, where json keeps it exact: a value holding a
-# run of 19+ digits takes the json path, so sums of big integers stay exact.
-_LONG_DIGIT_RUN: Final = re.compile(rb"[0-9]{19}")
+# run of 19+ digits takes the json path, so sums of big integers stay exact. Found by mapping
+# every digit to "0" and everything else to " " (bytes.translate, then one substring search):
+# about 2.5x cheaper than a regex search, and every scanned row pays it.
+_DIGITS_AS_ZEROS: Final = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+_LONG_DIGIT_RUN: Final = b"0" * 19
 
 
 def decode_document(raw: bytes) -> Any:
@@ -57,7 +60,7 @@ def decode_document(raw: bytes) -> Any:
 
     orjson decodes first (scans decode every row, and it is about twice as fast); whatever it
     refuses goes through the json path, whose answer is the definition."""
-    if _LONG_DIGIT_RUN.search(raw) is None:
+    if _LONG_DIGIT_RUN not in raw.translate(_DIGITS_AS_ZEROS):
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -108,6 +111,15 @@ def _index(segment: str) -> int | None:
     return None
 
 
+def top_level_name(field: str) -> str | None:
+    """The object member a path of one segment names (not `$key`, not an array index): such
+    a field is document.get(name) when the document is an object, and MISSING otherwise."""
+    segments = split_field(field)
+    if field == KEY_FIELD or len(segments) != 1 or _index(segments[0]) is not None:
+        return None
+    return segments[0]
+
+
 def make_getter(field: str) -> FieldGetter:
     """A fast (key, document) -> value | MISSING for a field path or `$key`.
 
@@ -115,15 +127,14 @@ def make_getter(field: str) -> FieldGetter:
     Anything else (a scalar on the way, NOT_JSON) gives MISSING."""
     if field == KEY_FIELD:
         return lambda key, document: key
-    segments = split_field(field)
-    if len(segments) == 1 and _index(segments[0]) is None:
-        name = segments[0]
+    name = top_level_name(field)
+    if name is not None:
 
         def get_top_level(key: str, document: Any) -> Any:
             return document.get(name, MISSING) if type(document) is dict else MISSING
 
         return get_top_level
-    steps = tuple((segment, _index(segment)) for segment in segments)
+    steps = tuple((segment, _index(segment)) for segment in split_field(field))
 
     def get_nested(key: str, document: Any) -> Any:
         value = document
@@ -219,5 +230,6 @@ __all__ = [
     "json_type_name",
     "make_getter",
     "split_field",
+    "top_level_name",
     "value_order",
 ]

@@ -9,6 +9,7 @@ ShardStats.elapsed_s; decode_partial fills bytes_moved from the payload it decod
 
 from __future__ import annotations
 
+import bisect
 import enum
 import heapq
 import itertools
@@ -16,9 +17,10 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from operator import itemgetter
-from typing import Any
+from typing import Any, Final
 
 import msgpack
+import orjson
 
 from kvstore.errors import ShardUnavailable
 from kvstore.query.documents import (
@@ -30,6 +32,7 @@ from kvstore.query.documents import (
     decode_document,
     from_canonical_text,
     make_getter,
+    top_level_name,
     value_order,
 )
 from kvstore.query.plugins import PluginRegistry
@@ -67,6 +70,12 @@ from kvstore.query.spec import (
     encode_cursor,
     parse_query,
 )
+
+RowBatches = Iterable[Sequence[tuple[bytes, bytes]]]  # (UTF-8 key, value) rows in key order
+_ABOVE_EVERY_KEY: Final = b"\xff"  # no UTF-8 text starts with byte 0xff
+# orjson reads an integer past 64 bits as a float this large or larger (json keeps it exact).
+_ORJSON_INT_LIMIT: Final = float(1 << 63)
+_MAY_BE_ROUNDED: Final = (float, list, dict)  # types of values _exactly must look at
 
 
 class Phase(enum.Enum):
@@ -165,6 +174,33 @@ def _state_kit(
     return getter, cls, cls.from_wire
 
 
+def reads_values(spec: QuerySpec) -> bool:
+    """Whether the query reads stored values at all: a count filtered by key only does not,
+    and its shard scans keys alone (values never read are not checksum-verified either)."""
+    read_fields = [*spec.group_by, *(a.field for a in spec.aggregates.values() if a.field)]
+    return (
+        spec.is_select
+        or compile_where(spec.where).document_test is not None
+        or any(path != KEY_FIELD for path in read_fields)
+        or any(a.fn is AggregateFn.PLUGIN for a in spec.aggregates.values())
+    )
+
+
+def key_bounds(spec: QuerySpec) -> tuple[bytes, bytes]:
+    """[lower, upper) of the UTF-8 keys in the spec's range: start, prefix and the cursor fold
+    into one lower bound, end and the prefix's successor into one upper bound, so a scanned row
+    costs two comparisons. UTF-8 byte order is code point order: bytes compare as str would."""
+    after = b"" if spec.after_key is None else spec.after_key.encode() + b"\0"
+    lower = max((spec.start or "").encode(), (spec.prefix or "").encode(), after)
+    upper = _ABOVE_EVERY_KEY
+    if spec.end is not None:
+        upper = min(upper, spec.end.encode())
+    if spec.prefix:
+        prefix = spec.prefix.encode()  # its last byte is never 0xff (UTF-8 has none)
+        upper = min(upper, prefix[:-1] + bytes((prefix[-1] + 1,)))
+    return lower, upper
+
+
 def _compile(spec: QuerySpec, plugins: PluginRegistry | None) -> _Compiled:
     where = compile_where(spec.where)
     kits = [
@@ -182,19 +218,12 @@ def _compile(spec: QuerySpec, plugins: PluginRegistry | None) -> _Compiled:
             raise ValueError(f"expected {len(decoders)} aggregate states, got {len(wires)}")
         return [decode(wire) for decode, wire in zip(decoders, wires, strict=True)]
 
-    read_fields = [*spec.group_by, *(a.field for a in spec.aggregates.values() if a.field)]
-    needs_document = (
-        spec.is_select
-        or where.document_test is not None
-        or any(path != KEY_FIELD for path in read_fields)
-        or any(a.fn is AggregateFn.PLUGIN for a in spec.aggregates.values())
-    )
     projections = None
     if spec.select is not None and spec.select != "*":
         projections = tuple((path, make_getter(path)) for path in spec.select)
     return _Compiled(
         where=where,
-        needs_document=needs_document,
+        needs_document=reads_values(spec),
         projections=projections,
         group_getters=tuple(make_getter(path) for path in spec.group_by),
         feeds=tuple(kit[0] for kit in kits),
@@ -224,39 +253,41 @@ class _Counters:
         return stats
 
 
+def _row_order_error(key: bytes, previous: bytes | None) -> AssertionError:
+    return AssertionError(f"shard rows out of key order: {key!r} after {previous!r}")
+
+
 def _matching(
-    spec: QuerySpec, compiled: _Compiled, rows: Iterable[tuple[str, bytes]], counters: _Counters
+    spec: QuerySpec, compiled: _Compiled, batches: RowBatches, counters: _Counters
 ) -> Iterator[tuple[str, bytes, Any]]:
     """(key, raw value, document) of each row in range passing where; stops past the range."""
-    start, end, prefix, after = spec.start, spec.end, spec.prefix, spec.after_key
+    lower, upper = key_bounds(spec)
     key_test, document_test = compiled.where.key_test, compiled.where.document_test
     needs_document = compiled.needs_document
-    previous: str | None = None
-    for key, raw in rows:
-        if previous is not None and key <= previous:
-            raise AssertionError(f"shard rows out of key order: {key!r} after {previous!r}")
-        previous = key
-        counters.rows_scanned += 1
-        counters.bytes_scanned += len(raw)
-        if end is not None and key >= end:
-            break
-        if prefix is not None and not key.startswith(prefix):
-            if key > prefix:
-                break  # keys having a prefix are contiguous in key order
-            continue
-        if (start is not None and key < start) or (after is not None and key <= after):
-            continue
-        if key_test is not None and not key_test(key):
-            continue
-        document: Any = NOT_JSON
-        if needs_document:
-            document = decode_document(raw)
-            if document is NOT_JSON:
-                counters.rows_not_json += 1
-        if document_test is not None and (document is NOT_JSON or not document_test(document)):
-            continue
-        counters.rows_matched += 1
-        yield key, raw, document
+    previous: bytes | None = None
+    for batch in batches:
+        for key, raw in batch:
+            if previous is not None and key <= previous:
+                raise _row_order_error(key, previous)
+            previous = key
+            counters.rows_scanned += 1
+            counters.bytes_scanned += len(raw)
+            if key >= upper:
+                return
+            if key < lower:
+                continue
+            text = key.decode()
+            if key_test is not None and not key_test(text):
+                continue
+            document: Any = NOT_JSON
+            if needs_document:
+                document = decode_document(raw)
+                if document is NOT_JSON:
+                    counters.rows_not_json += 1
+            if document_test is not None and (document is NOT_JSON or not document_test(document)):
+                continue
+            counters.rows_matched += 1
+            yield text, raw, document
 
 
 def _project(compiled: _Compiled, key: str, raw: bytes, document: Any) -> bytes | None:
@@ -275,7 +306,7 @@ def _project(compiled: _Compiled, key: str, raw: bytes, document: Any) -> bytes 
 def _scan_rows(
     plan: ShardPlan,
     compiled: _Compiled,
-    rows: Iterable[tuple[str, bytes]],
+    batches: RowBatches,
     chunk_rows: int,
     chunk_bytes: int,
 ) -> Iterator[RowsPartial]:
@@ -285,7 +316,7 @@ def _scan_rows(
     wanted = plan.spec.limit + 1
     chunk: list[Row] = []
     size = 0
-    for key, raw, document in _matching(plan.spec, compiled, rows, counters):
+    for key, raw, document in _matching(plan.spec, compiled, batches, counters):
         value = _project(compiled, key, raw, document)
         chunk.append((key, value))
         wanted -= 1
@@ -302,50 +333,195 @@ def _group_text(value: Any) -> str:
     return "" if value is MISSING else canonical_text(value)
 
 
-def _pre_aggregate(
-    plan: ShardPlan, compiled: _Compiled, rows: Iterable[tuple[str, bytes]]
-) -> AggregatesPartial:
-    counters = _Counters()
+def _exactly(getter: FieldGetter, key: str, raw: bytes, value: Any) -> Any:
+    """`value`, read from a document orjson decoded; read again from the strict decoding when
+    orjson may have rounded it: a float past 2^63 (an integer past 64 bits), or an array or
+    object that may hold one. Exact values (the common case) cost this one call, never."""
+    kind = type(value)
+    if kind is float and -_ORJSON_INT_LIMIT < value < _ORJSON_INT_LIMIT:
+        return value
+    return getter(key, decode_document(raw))
+
+
+_first: Final = itemgetter(0)
+_second: Final = itemgetter(1)
+# A group's states; per aggregate, the integers summed and how many; then its rows matched.
+_Run = tuple[list[AggregateState], list[int], list[int], list[int]]
+
+
+def _in_range(batch: Sequence[tuple[bytes, bytes]], lower: bytes, upper: bytes) -> range:
+    """The positions of a batch's rows within [lower, upper): two binary searches, and none
+    for a batch wholly inside (rows within a batch are in key order: a cursor's)."""
+    start = 0 if batch[0][0] >= lower else bisect.bisect_left(batch, lower, key=_first)
+    stop = len(batch) if batch[-1][0] < upper else bisect.bisect_left(batch, upper, key=_first)
+    return range(start, max(start, stop))
+
+
+def _pre_aggregate(plan: ShardPlan, compiled: _Compiled, batches: RowBatches) -> AggregatesPartial:
+    """One pass, fused: every aggregate query runs here, and its cost per row is what a query's
+    throughput is (docs/query.md, Performance). So no generator between rows; range bounds by
+    binary search per batch, none per row (a count by key touches no row at all); top-level
+    fields read inline; integer sums added in plain lists and handed to their Sum once; and
+    values decoded by orjson alone: where orjson differs from the strict decoding (integers past
+    64 bits) a value it yields says so, and _exactly reads it again. A where on fields or a
+    plugin sees whole documents, so those decode every row strictly."""
+    spec = plan.spec
     grouped = GroupedAggregates(compiled.new_states, plan.max_groups)
-    groups, group_getters, feeds = grouped.groups, compiled.group_getters, compiled.feeds
-    if not group_getters:  # one group: no per-row group key, and rows counted in bulk
-        states = grouped.states_for(())
-        fed = [(state, feed) for state, feed in zip(states, feeds, strict=True) if feed]
-        matched = 0
-        for key, _raw, document in _matching(plan.spec, compiled, rows, counters):
-            matched += 1
-            for state, feed in fed:
-                value = feed(key, document)
-                if value is not None and value is not MISSING:
-                    state.add(value)
-        for state, maybe_feed in zip(states, feeds, strict=True):
-            if maybe_feed is None:
-                assert isinstance(state, Count), state
-                state.add_rows(matched)
-        return AggregatesPartial(plan.shard, grouped, counters.take())
-    # Group values repeat: a string's group key is built once (only strings: in a dict,
+    group_getters = compiled.group_getters
+    single_group = group_getters[0] if len(group_getters) == 1 else None
+    single_name = top_level_name(spec.group_by[0]) if single_group is not None else None
+    sums = (AggregateFn.SUM, AggregateFn.AVG)
+    feeds = tuple(
+        (
+            index,
+            None if aggregate.field is None else top_level_name(aggregate.field),
+            feed,
+            aggregate.fn in sums,
+        )
+        for index, (aggregate, feed) in enumerate(
+            zip(spec.aggregates.values(), compiled.feeds, strict=True)
+        )
+        if feed is not None
+    )
+    counted = tuple(i for i, feed in enumerate(compiled.feeds) if feed is None)
+    lower, upper = key_bounds(spec)
+    key_test, document_test = compiled.where.key_test, compiled.where.document_test
+    needs_document = compiled.needs_document
+    plugin = any(a.fn is AggregateFn.PLUGIN for a in spec.aggregates.values())
+    strict = document_test is not None or plugin
+    fields = [*spec.group_by, *(a.field for a in spec.aggregates.values())]
+    reads_key = key_test is not None or plugin or KEY_FIELD in fields
+    counts_only = not (needs_document or reads_key or group_getters or feeds)
+    loads, lenient_error = orjson.loads, orjson.JSONDecodeError
+    size = len(compiled.feeds)
+    # Integers are summed in a group's plain lists (cheaper than a call to Sum.add per row),
+    # and rows matched counted for the counts by row; both go to the states at the end.
+    runs: dict[GroupKey, _Run] = {}
+
+    def run_of(group_key: GroupKey) -> _Run:
+        run = runs.get(group_key)
+        if run is None:
+            run = runs[group_key] = (grouped.states_for(group_key), [0] * size, [0] * size, [0])
+        return run
+
+    # Group values repeat: a string's run is found once (only strings: in a dict,
     # True == 1 == 1.0, and those must stay apart).
-    string_keys: dict[str, GroupKey] = {}
-    for key, _raw, document in _matching(plan.spec, compiled, rows, counters):
-        if len(group_getters) == 1:
-            value = group_getters[0](key, document)
-            if type(value) is str:
-                group_key = string_keys.get(value) or string_keys.setdefault(
-                    value, (_group_text(value),)
-                )
-            else:
-                group_key = (_group_text(value),)
-        else:
-            group_key = tuple(_group_text(get(key, document)) for get in group_getters)
-        states = groups.get(group_key) or grouped.states_for(group_key)
-        for state, getter in zip(states, feeds, strict=True):
-            if getter is None:
-                state.add(None)
-            else:
-                value = getter(key, document)
-                if value is not None and value is not MISSING:
-                    state.add(value)
-    return AggregatesPartial(plan.shard, grouped, counters.take())
+    runs_of_strings: dict[str, _Run] = {}
+    no_group = run_of(()) if not group_getters else None
+    scanned = matched = not_json = scanned_bytes = 0
+    previous: bytes | None = None
+    document: Any = NOT_JSON
+    text = ""
+    for batch in batches:
+        if not batch:
+            continue
+        if previous is not None and batch[0][0] <= previous:
+            raise _row_order_error(batch[0][0], previous)
+        previous = batch[-1][0]
+        rows = _in_range(batch, lower, upper)
+        past_end = rows.stop < len(batch)
+        if rows.start or past_end:  # rows read and skipped: the range starts or ends here
+            for _key, raw in batch[: rows.start]:
+                scanned_bytes += len(raw)
+            if past_end:
+                scanned_bytes += len(batch[rows.stop][1])
+        scanned += rows.stop + past_end
+        scanned_bytes += sum(map(len, map(_second, batch[rows.start : rows.stop])))
+        matched += len(rows)  # less each row skipped below
+        if not counts_only:
+            for key, raw in itertools.islice(batch, rows.start, rows.stop):
+                if reads_key:
+                    text = key.decode()
+                    if key_test is not None and not key_test(text):
+                        matched -= 1
+                        continue
+                if needs_document:
+                    if strict:
+                        document = decode_document(raw)
+                    else:
+                        try:
+                            document = loads(raw)
+                        except lenient_error:
+                            document = decode_document(raw)
+                    if document is NOT_JSON:
+                        not_json += 1
+                        if document_test is not None:
+                            matched -= 1
+                            continue
+                    elif document_test is not None and not document_test(document):
+                        matched -= 1
+                        continue
+                is_object = type(document) is dict
+                if no_group is not None:
+                    run = no_group
+                elif single_group is not None:
+                    if single_name is not None:
+                        value = document.get(single_name, MISSING) if is_object else MISSING
+                    else:
+                        value = single_group(text, document)
+                    if type(value) is str:
+                        found = runs_of_strings.get(value)
+                        if found is None:
+                            found = runs_of_strings[value] = run_of((_group_text(value),))
+                        run = found
+                    else:
+                        if not strict and type(value) in _MAY_BE_ROUNDED:
+                            value = _exactly(single_group, text, raw, value)
+                        run = run_of((_group_text(value),))
+                else:
+                    run = run_of(
+                        tuple(
+                            _group_text(
+                                value
+                                if strict or type(value) not in _MAY_BE_ROUNDED
+                                else _exactly(get, text, raw, value)
+                            )
+                            for get in group_getters
+                            for value in (get(text, document),)
+                        )
+                    )
+                states, int_totals, int_counts, rows_matched = run
+                if counted:
+                    rows_matched[0] += 1
+                for index, name, feed, is_sum in feeds:
+                    if name is not None:
+                        value = document.get(name, MISSING) if is_object else MISSING
+                    else:
+                        value = feed(text, document)
+                    if value is None or value is MISSING:
+                        continue
+                    if type(value) is int:
+                        if is_sum:
+                            int_totals[index] += value
+                            int_counts[index] += 1
+                            continue
+                    elif not strict and type(value) in _MAY_BE_ROUNDED:
+                        value = _exactly(feed, text, raw, value)
+                        if value is None or value is MISSING:
+                            continue
+                    states[index].add(value)
+        if past_end:
+            break
+    if counts_only:
+        assert no_group is not None
+        no_group[3][0] = matched
+    for states, int_totals, int_counts, rows_matched in runs.values():
+        for index in counted:
+            count = states[index]
+            assert isinstance(count, Count), count
+            count.add_rows(rows_matched[0])
+        for index, _name, _feed, is_sum in feeds:
+            if is_sum and int_counts[index]:
+                total = states[index]
+                assert isinstance(total, Sum), total
+                total.add_integers(int_totals[index], int_counts[index])
+    stats = ShardStats(scanned, matched, not_json, scanned_bytes)
+    return AggregatesPartial(plan.shard, grouped, stats)
+
+
+def rows_as_batches(rows: Iterable[tuple[str, bytes]]) -> RowBatches:
+    """(str key, value) rows as the batches a shard scan hands over, lazily, one row each."""
+    return (((key.encode(), value),) for key, value in rows)
 
 
 def execute_on_rows(
@@ -356,14 +532,18 @@ def execute_on_rows(
     its end (and, for select, after limit + 1 matching rows)."""
     unbounded = 1 << 62
     chunks = iter_partials(
-        plan, rows, max_items_per_chunk=unbounded, max_chunk_bytes=unbounded, plugins=plugins
+        plan,
+        rows_as_batches(rows),
+        max_items_per_chunk=unbounded,
+        max_chunk_bytes=unbounded,
+        plugins=plugins,
     )
     return next(chunks)
 
 
 def iter_partials(
     plan: ShardPlan,
-    rows: Iterable[tuple[str, bytes]],
+    batches: RowBatches,
     *,
     max_items_per_chunk: int,
     max_chunk_bytes: int = 1 << 20,
@@ -372,14 +552,15 @@ def iter_partials(
     """The shard side, streamed in bounded chunks: select rows are sent as soon as a chunk holds
     max_items_per_chunk rows or max_chunk_bytes of keys and values (a single bigger row goes
     alone); aggregate groups, max_items_per_chunk per chunk, after the scan. Each chunk carries
-    its share of the stats; merge_partials takes them all, from every shard, in any order."""
+    its share of the stats; merge_partials takes them all, from every shard, in any order.
+    `batches`: the shard's rows as a scan hands them over (ReadView.row_batches)."""
     if max_items_per_chunk < 1 or max_chunk_bytes < 1:
         raise ValueError("max_items_per_chunk and max_chunk_bytes must be positive")
     compiled = _compile(plan.spec, plugins)
     if plan.phase is Phase.SCAN_ROWS:
-        yield from _scan_rows(plan, compiled, rows, max_items_per_chunk, max_chunk_bytes)
+        yield from _scan_rows(plan, compiled, batches, max_items_per_chunk, max_chunk_bytes)
         return
-    whole = _pre_aggregate(plan, compiled, rows)
+    whole = _pre_aggregate(plan, compiled, batches)
     items = list(whole.groups.groups.items())
     for offset in range(0, max(len(items), 1), max_items_per_chunk):
         part = GroupedAggregates(compiled.new_states, plan.max_groups)
@@ -517,7 +698,10 @@ __all__ = [
     "encode_partial",
     "execute_on_rows",
     "iter_partials",
+    "key_bounds",
     "merge_partials",
     "partial_from_wire",
     "partial_to_wire",
+    "reads_values",
+    "rows_as_batches",
 ]

@@ -109,6 +109,12 @@ class Sum:
             self.seen_float = True
             self.count += 1
 
+    def add_integers(self, total: int, count: int) -> None:
+        """As `count` calls of add() with integers summing to `total` (the scan loop adds
+        integers itself, a method call per row being most of a sum's cost)."""
+        self.int_total += total
+        self.count += count
+
     def _add_float(self, x: float) -> None:
         partials = self.float_partials  # Shewchuk / Python's msum recipe (as math.fsum)
         i = 0
@@ -344,22 +350,48 @@ class TopK:
     counters and error the same way. Guarantees, with N the values added: every reported count
     is at most `error` below the truth and never above it; error <= N / (capacity + 1); any value
     whose true count exceeds error is in the summary. While error is 0 (at most 2 * capacity
-    distinct values were ever held) counts and ranking are exact. Ties rank by value order."""
+    distinct values were ever held) counts and ranking are exact. Ties rank by value order.
 
-    __slots__ = ("capacity", "counts", "error", "k")
+    Strings added are first counted exactly by the string itself (no canonical text per row),
+    at most 2 * capacity of them; then they join the summary as a merge of an exact summary,
+    which keeps every guarantee above."""
+
+    __slots__ = ("capacity", "counts", "error", "k", "strings")
 
     def __init__(self, k: int, capacity: int) -> None:
         self.k = k
         self.capacity = capacity
         self.counts: dict[str, int] = {}  # canonical text -> count, a lower bound
         self.error = 0
+        self.strings: dict[str, int] = {}  # string value -> exact count, not yet in counts
 
     def add(self, value: Any) -> None:
+        if type(value) is str:
+            strings = self.strings
+            strings[value] = strings.get(value, 0) + 1
+            if len(strings) > 2 * self.capacity:
+                self._fold_strings()
+            return
         counts = self.counts
         text = canonical_text(value)
         counts[text] = counts.get(text, 0) + 1
         if len(counts) > 2 * self.capacity:
             self._prune()
+
+    def _fold_strings(self) -> None:
+        counts = self.counts
+        for value, n in self.strings.items():
+            text = canonical_text(value)
+            counts[text] = counts.get(text, 0) + n
+        self.strings = {}
+        if len(counts) > 2 * self.capacity:
+            self._prune()
+
+    def _summary(self) -> dict[str, int]:
+        """The counters, every value added so far in them."""
+        if self.strings:
+            self._fold_strings()
+        return self.counts
 
     def _prune(self) -> None:
         threshold = heapq.nlargest(self.capacity + 1, self.counts.values())[-1]
@@ -367,21 +399,22 @@ class TopK:
         self.error += threshold
 
     def merge(self, other: TopK) -> None:
-        counts = self.counts
-        for text, n in other.counts.items():
+        counts = self._summary()
+        for text, n in other._summary().items():
             counts[text] = counts.get(text, 0) + n
         self.error += other.error
         if len(counts) > 2 * self.capacity:
             self._prune()
 
     def result(self) -> dict[str, Any]:
-        if len(self.counts) > self.k:
-            kth = heapq.nlargest(self.k, self.counts.values())[-1]
+        counts = self._summary()
+        if len(counts) > self.k:
+            kth = heapq.nlargest(self.k, counts.values())[-1]
             candidates: Iterable[tuple[str, int]] = (
-                item for item in self.counts.items() if item[1] >= kth
+                item for item in counts.items() if item[1] >= kth
             )
         else:
-            candidates = self.counts.items()
+            candidates = counts.items()
         ranked = sorted(
             ((from_canonical_text(text), n) for text, n in candidates),
             key=lambda item: (-item[1], value_order(item[0])),
@@ -393,7 +426,7 @@ class TopK:
         }
 
     def to_wire(self) -> tuple[Any, ...]:
-        return ("top_k", tuple(self.counts.items()), _int_to_wire(self.error))
+        return ("top_k", tuple(self._summary().items()), _int_to_wire(self.error))
 
     @classmethod
     def from_wire(cls, wire: Any, k: int, capacity: int) -> TopK:

@@ -8,6 +8,9 @@ Counter). On 2 cores shared by 3 node processes the cluster cannot reach that fl
 node also decodes, filters, aggregates and streams (see docs/query.md, Performance).
 
     python tests/benchmarks/query_bench.py [--docs 1000000] [--runs 3] [--keep DIR]
+
+With --keep DIR the cluster's data stays in DIR; a later run given the same DIR starts that
+cluster again and skips loading (the answers are still checked against the local scan).
 """
 
 from __future__ import annotations
@@ -208,12 +211,18 @@ def main() -> None:
     env = local_lmdb(work / "local", args.docs)
     print(f"local LMDB file written in {time.perf_counter() - started:.1f}s")
 
-    record = launcher.start_cluster(launcher.UpRequest(data_dir, 3, 8, 3, base_port=None)).record
+    up = launcher.start_cluster(launcher.UpRequest(data_dir, 3, 8, 3, base_port=None))
+    record = up.record
     try:
         launcher.wait_until_ready(record, timeout_s=60, on_progress=lambda _: None)
         urls = record.endpoints
-        seconds = asyncio.run(load_cluster(urls, args.docs))
-        print(f"cluster loaded in {seconds:.1f}s: {args.docs / seconds:,.0f} docs/s (txn batches)")
+        if up.created:
+            seconds = asyncio.run(load_cluster(urls, args.docs))
+            print(
+                f"cluster loaded in {seconds:.1f}s: {args.docs / seconds:,.0f} docs/s (txn batches)"
+            )
+        else:
+            print(f"cluster reused from {data_dir}: not loaded again")
         leaders = Counter(s["leader"] for s in asyncio.run(run_query_status(urls[0]))["shards"])
         print(f"shard leaders per node: {dict(sorted(leaders.items()))}")
 

@@ -7,6 +7,8 @@ import asyncio
 import concurrent.futures
 import json
 import struct
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -21,6 +23,7 @@ from kvstore.query.results import Partial, RowsPartial
 from kvstore.query_runner import (
     FRAME_HEADER,
     QuerySettings,
+    ScanTurns,
     ShardDone,
     ShardEvent,
     encode_error,
@@ -29,7 +32,7 @@ from kvstore.query_runner import (
     read_events,
     scan_shard,
 )
-from kvstore.state_machine import KVStateMachine
+from kvstore.state_machine import ROWS_PER_BATCH, KVStateMachine
 from raft.core.messages import Entry
 from raft.core.types import LogIndex, Term
 
@@ -242,6 +245,76 @@ def test_a_consumer_that_stops_early_stops_the_scan_thread(env) -> None:
     pool.shutdown(wait=True)
 
 
+def wait_for(condition: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def test_scans_take_turns_first_come_first_served() -> None:
+    turns = ScanTurns()
+    order: list[str] = []
+    turns.acquire()
+    threads = []
+    for name in "abc":
+
+        def scan(name: str = name) -> None:
+            turns.acquire()
+            order.append(name)
+            turns.release()
+
+        threads.append(threading.Thread(target=scan))
+        threads[-1].start()
+        wait_for(lambda: turns.waiting == len(threads))  # queued in this order
+    order.append("holder")
+    turns.pass_turn()  # everyone waiting goes first, in the order they came
+    order.append("holder again")
+    turns.release()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert order == ["holder", "a", "b", "c", "holder again"]
+    turns.acquire()  # free again, and passing the turn to nobody keeps it
+    turns.pass_turn()
+    turns.release()
+
+
+def test_a_scan_waiting_for_its_consumer_does_not_hold_up_the_others(env) -> None:
+    """A select stalled by a slow client waits for room without the turn: other scans on the
+    node, sharing its turns, run to the end meanwhile."""
+    machine = KVStateMachine(env, SHARD)
+    write(env, machine, {f"k/{i:05d}": {"n": i} for i in range(3000)})
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    turns = ScanTurns()
+
+    def scan(query: dict[str, Any]) -> AsyncIterator[ShardEvent]:
+        return scan_shard(
+            machine,
+            ShardPlan.for_shard(spec_of(query), SHARD),
+            settings=QuerySettings(chunk_rows=10, queued_chunks=1),
+            plugins=PluginRegistry(),
+            budget_bytes=1 << 30,
+            executor=pool,
+            turns=turns,
+        )
+
+    async def stall_one_run_another() -> tuple[list[Partial], ShardDone]:
+        stalled = scan({"prefix": "k/", "select": "*", "limit": 10_000})
+        await anext(stalled)  # then never read again: its scan waits for room
+        try:
+            return await asyncio.wait_for(
+                collect(scan({"aggregates": {"n": {"fn": "count"}}})), timeout=10
+            )
+        finally:
+            await stalled.aclose()
+
+    partials, _done = asyncio.run(stall_one_run_another())
+    pool.shutdown(wait=True)
+    assert merge_partials(spec_of({"aggregates": {"n": {"fn": "count"}}}), partials).groups == (
+        {"group": {}, "aggregates": {"n": 3000}},
+    )
+
+
 def test_a_failing_scan_raises_in_the_consumer(env, executor) -> None:
     machine = KVStateMachine(env, SHARD)
     write(env, machine, {"k/1": {"n": 1}})
@@ -253,6 +326,19 @@ def test_a_failing_scan_raises_in_the_consumer(env, executor) -> None:
         txn.put(stored, bytes(raw), db=db)
     with pytest.raises(Exception, match="checksum"):
         run_scan(machine, {"select": "*"}, executor)
+
+
+def test_the_read_view_hands_rows_over_in_bounded_batches_in_key_order(env) -> None:
+    machine = KVStateMachine(env, SHARD)
+    keys = [f"b/{i:05d}" for i in range(2 * ROWS_PER_BATCH + 7)] + ["c" + "x" * 600]
+    write(env, machine, {key: {"i": n} for n, key in enumerate(keys)})
+    for low in (b"", b"b/00600"):
+        with machine.read_view() as view:
+            batches = list(view.row_batches(low, True))
+        assert [len(batch) for batch in batches[:-1]] == [ROWS_PER_BATCH] * (len(batches) - 1)
+        rows = [(key.decode(), json.loads(value)) for batch in batches for key, value in batch]
+        expected = [(key, {"i": n}) for n, key in enumerate(keys) if key.encode() >= low]
+        assert rows == expected
 
 
 def test_the_read_view_yields_what_scan_does_long_keys_included(env) -> None:
@@ -275,10 +361,16 @@ def test_the_read_view_yields_what_scan_does_long_keys_included(env) -> None:
     write(env, machine, {key: {"k": key[-3:]} for key in keys})
     scanned = [kv.key for kv in machine.scan(limit=100)]
     assert scanned == sorted(keys)
+    values = {kv.key: kv.value for kv in machine.scan(limit=100)}
     for low in ("", "b", head, head + "b", "i"):
-        with machine.read_view() as view:
-            rows = [key for key, _ in view.rows_from(low)]
-        expected = [key for key in scanned if key >= low]
-        # rows_from may start a little before `low` (the query skips those), never after it
-        assert rows[len(rows) - len(expected) :] == expected
-        assert rows == sorted(rows)
+        for read_values in (True, False):
+            with machine.read_view() as view:
+                batches = list(view.row_batches(low.encode(), read_values))
+            rows = [(key.decode(), value) for batch in batches for key, value in batch]
+            keys = [key for key, _ in rows]
+            expected = [key for key in scanned if key >= low]
+            # row_batches may start a little before `low` (the query skips those), never after
+            assert keys[len(keys) - len(expected) :] == expected
+            assert keys == sorted(keys)
+            assert all(value == (values[key] if read_values else b"") for key, value in rows)
+            assert all(0 < len(batch) <= ROWS_PER_BATCH for batch in batches)

@@ -38,7 +38,7 @@ from kvstore.map_changes import (
 from kvstore.reconciler import plan_splits
 from kvstore.service import KeyVersion
 from kvstore.sharding import TOKEN_SPACE, NodeInfo, ShardMap, ShardSpec, Split, key_token
-from kvstore.state_machine import KVStateMachine
+from kvstore.state_machine import KVStateMachine, RangeMovedError
 from raft.core.messages import Snapshot, SnapshotMeta
 from raft.core.types import LogIndex, NodeId
 from tests.kvstore.test_state_machine import Driver, open_env
@@ -113,6 +113,26 @@ def test_after_a_split_each_half_refuses_the_others_keys_as_a_stale_map(tmp_path
     assert child_refused.code == FAILED_WRONG_SHARD
     assert isinstance(child_accepted, KeyVersion)
     assert child.machine.get(upper).value == b"w"
+
+
+def test_a_read_view_refuses_a_span_the_split_took_in_its_own_transaction(tmp_path: Path):
+    """A query scan checks the range it was planned on inside the read transaction it scans:
+    a split committing just before cannot hide the moved keys from it."""
+    env = open_env(tmp_path / "replica")
+    driver = written(env)
+    with driver.machine.read_view(must_hold=(0, TOKEN_SPACE)) as view:
+        assert sum(len(batch) for batch in view.row_batches(b"", True)) == len(KEYS)
+    driver.apply(SplitShard(CHILD, SPLIT))
+    with (
+        pytest.raises(RangeMovedError) as moved,
+        driver.machine.read_view(must_hold=(0, TOKEN_SPACE)),
+    ):
+        pass
+    assert moved.value.held == (0, SPLIT)
+    with driver.machine.read_view(must_hold=(0, SPLIT)) as view:
+        kept = [key for batch in view.row_batches(b"", True) for key, _ in batch]
+    assert kept
+    assert all(key_token(key.decode()) < SPLIT for key in kept)
 
 
 def test_snapshots_carry_each_halfs_range_to_a_replica_restored_from_them(tmp_path: Path):

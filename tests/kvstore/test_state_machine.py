@@ -517,6 +517,10 @@ def test_any_damage_to_a_record_is_detected(env, change):
     overwrite(env, b"kv.data", stored_key(SHARD, "k"), change)
     with pytest.raises(CorruptValueError, match="shard 7: key 'k'"):
         d.machine.get("k")
+    with pytest.raises(CorruptValueError, match="shard 7: key 'k'"), d.machine.read_view() as view:
+        list(view.row_batches(b"", True))  # the query scan's own inlined checks
+    with d.machine.read_view() as view:  # a scan of keys alone reads (and checks) no value
+        assert list(view.row_batches(b"", False)) == [[(b"k", b"")]]
 
 
 def test_corrupted_metadata_and_idempotency_records_are_detected(env):

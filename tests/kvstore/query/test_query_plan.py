@@ -35,6 +35,7 @@ from kvstore.query.plan import (
     merge_partials,
     partial_from_wire,
     partial_to_wire,
+    rows_as_batches,
 )
 from kvstore.query.plugins import PluginRegistry
 from kvstore.query.results import QueryResult, RowsPartial, ShardStats
@@ -349,14 +350,22 @@ def split(rows, rng, shard_count):
 DEFAULT = QueryLimits()
 
 
+def random_batches(rows, rng):
+    """Rows as a shard scan hands them over: UTF-8 keys, in batches of random sizes."""
+    encoded = [(key.encode(), value) for key, value in rows]
+    cuts = sorted(rng.sample(range(1, len(encoded)), rng.randint(0, max(len(encoded) - 1, 0))))
+    return [encoded[a:b] for a, b in zip([0, *cuts], [*cuts, len(encoded)], strict=True)]
+
+
 def run_sharded(spec, rows, rng, *, plugins=None, limits=DEFAULT):
-    """Random shards, random chunk sizes, through msgpack, merged in a random order."""
+    """Random shards, random scan batches and chunk sizes, through msgpack, merged in a random
+    order."""
     partials = []
     for shard, shard_rows in enumerate(split(rows, rng, rng.randint(1, 4))):
         plan = ShardPlan.for_shard(spec, shard, limits)
         for partial in iter_partials(
             plan,
-            shard_rows,
+            random_batches(shard_rows, rng),
             max_items_per_chunk=rng.randint(1, 5),
             max_chunk_bytes=rng.choice([1, 30, 1 << 20]),
             plugins=plugins,
@@ -470,6 +479,42 @@ def test_non_json_values_are_rows_with_a_flag_and_have_no_fields():
     assert none.rows == ({"key": "k1", "value": {"a": 1}},)
 
 
+def test_integers_past_64_bits_stay_exact_in_every_aggregate():
+    """The aggregate loop decodes with orjson alone, which reads such an integer as a float;
+    each value it feeds must still be the exact one (here, floats would make 2**70 + 1 and
+    2**70 + 2 one value, and lose the + 1 of the sum)."""
+    big = 2**70
+    docs = [
+        {"g": big + 1, "v": big + 1, "l": [big + 1]},
+        {"g": big + 1, "v": big + 2, "l": [big + 2]},
+        {"g": -(big + 1), "v": 1, "l": [1.5]},
+        {"g": 1e30, "v": 1e30, "l": {"x": big}},  # a genuine float, past 2^63 too
+    ]
+    rows = [(f"k{i}", json.dumps(doc).encode()) for i, doc in enumerate(docs)]
+    spec = parse_query(
+        {
+            "group_by": ["g"],
+            "aggregates": {
+                "s": {"fn": "sum", "field": "v"},
+                "hi": {"fn": "max", "field": "v"},
+                "d": {"fn": "count_distinct", "field": "l"},
+                "t": {"fn": "top_k", "field": "l.0", "k": 3},
+            },
+        }
+    )
+    groups = {
+        canonical_text(group["group"]["g"]): group["aggregates"]
+        for group in run_one_pass(spec, rows).groups
+    }
+    assert groups.keys() == {str(big + 1), str(-(big + 1)), "1e+30"}
+    pair = groups[str(big + 1)]
+    assert (pair["s"], pair["hi"], pair["d"]["value"]) == (2 * big + 3, big + 2, 2)
+    assert [item["value"] for item in pair["t"]["items"]] == [big + 1, big + 2]
+    assert groups["1e+30"]["s"] == 1e30
+    whole = run_one_pass(parse_query({"aggregates": {"s": {"fn": "sum", "field": "v"}}}), rows)
+    assert whole.groups[0]["aggregates"]["s"] == 2 * big + 4 + 1e30
+
+
 def test_a_query_without_group_by_has_one_group_even_over_no_rows():
     spec = parse_query(
         {
@@ -533,18 +578,22 @@ def test_a_shard_stops_reading_past_the_range_and_after_a_full_page():
 def test_a_shard_streams_rows_in_chunks_bounded_by_count_and_bytes():
     spec = parse_query({"select": "*", "limit": 50})
     plan = ShardPlan.for_shard(spec, 1)
-    by_count = list(iter_partials(plan, ROWS_100, max_items_per_chunk=20))
+    by_count = list(iter_partials(plan, rows_as_batches(ROWS_100), max_items_per_chunk=20))
     assert [len(p.rows) for p in by_count] == [20, 20, 11]  # limit + 1 rows in all
-    by_bytes = list(iter_partials(plan, ROWS_100[:10], max_items_per_chunk=99, max_chunk_bytes=30))
+    by_bytes = list(
+        iter_partials(
+            plan, rows_as_batches(ROWS_100[:10]), max_items_per_chunk=99, max_chunk_bytes=30
+        )
+    )
     assert [len(p.rows) for p in by_bytes] == [3, 3, 3, 1]  # a row is 4 + 8 bytes
     assert sum(p.stats.rows_scanned for p in by_bytes) == 10
     assert merge_partials(spec, by_bytes).rows == merge_partials(spec, by_count[:1]).rows[:10]
 
 
 def test_rows_out_of_key_order_are_a_bug_not_a_wrong_answer():
-    spec = parse_query({"select": "*"})
-    with pytest.raises(AssertionError, match="out of key order"):
-        execute_on_rows(ShardPlan.for_shard(spec, 1), [("b", b"1"), ("a", b"1")])
+    for spec in (parse_query({"select": "*"}), parse_query({"aggregates": {"n": {"fn": "count"}}})):
+        with pytest.raises(AssertionError, match="out of key order"):
+            execute_on_rows(ShardPlan.for_shard(spec, 1), [("b", b"1"), ("a", b"1")])
 
 
 def test_a_count_by_key_never_decodes_values():

@@ -345,8 +345,9 @@ def _exactly(getter: FieldGetter, key: str, raw: bytes, value: Any) -> Any:
 
 _first: Final = itemgetter(0)
 _second: Final = itemgetter(1)
-# A group's states; per aggregate, the integers summed and how many; then its rows matched.
-_Run = tuple[list[AggregateState], list[int], list[int], list[int]]
+# A group's states; per aggregate, the integers summed and how many; its rows matched; per
+# aggregate, the strings counted for a top_k (the TopK's own dict; {} for the others).
+_Run = tuple[list[AggregateState], list[int], list[int], list[int], list[dict[str, int]]]
 
 
 def _in_range(batch: Sequence[tuple[bytes, bytes]], lower: bytes, upper: bytes) -> range:
@@ -371,15 +372,18 @@ def _pre_aggregate(plan: ShardPlan, compiled: _Compiled, batches: RowBatches) ->
     single_group = group_getters[0] if len(group_getters) == 1 else None
     single_name = top_level_name(spec.group_by[0]) if single_group is not None else None
     sums = (AggregateFn.SUM, AggregateFn.AVG)
+    # Per aggregate fed a field: its index, the field's name when top-level, its getter, whether
+    # it sums, and for a top_k how many strings it counts before folding them (else 0).
     feeds = tuple(
         (
             index,
             None if aggregate.field is None else top_level_name(aggregate.field),
             feed,
             aggregate.fn in sums,
+            state.strings_held if isinstance(state, TopK) else 0,
         )
-        for index, (aggregate, feed) in enumerate(
-            zip(spec.aggregates.values(), compiled.feeds, strict=True)
+        for index, (aggregate, feed, state) in enumerate(
+            zip(spec.aggregates.values(), compiled.feeds, compiled.new_states(), strict=True)
         )
         if feed is not None
     )
@@ -401,7 +405,9 @@ def _pre_aggregate(plan: ShardPlan, compiled: _Compiled, batches: RowBatches) ->
     def run_of(group_key: GroupKey) -> _Run:
         run = runs.get(group_key)
         if run is None:
-            run = runs[group_key] = (grouped.states_for(group_key), [0] * size, [0] * size, [0])
+            states = grouped.states_for(group_key)
+            strings = [state.strings if isinstance(state, TopK) else {} for state in states]
+            run = runs[group_key] = (states, [0] * size, [0] * size, [0], strings)
         return run
 
     # Group values repeat: a string's run is found once (only strings: in a dict,
@@ -480,10 +486,10 @@ def _pre_aggregate(plan: ShardPlan, compiled: _Compiled, batches: RowBatches) ->
                             for value in (get(text, document),)
                         )
                     )
-                states, int_totals, int_counts, rows_matched = run
+                states, int_totals, int_counts, rows_matched, strings = run
                 if counted:
                     rows_matched[0] += 1
-                for index, name, feed, is_sum in feeds:
+                for index, name, feed, is_sum, strings_held in feeds:
                     if name is not None:
                         value = document.get(name, MISSING) if is_object else MISSING
                     else:
@@ -495,6 +501,15 @@ def _pre_aggregate(plan: ShardPlan, compiled: _Compiled, batches: RowBatches) ->
                             int_totals[index] += value
                             int_counts[index] += 1
                             continue
+                    elif type(value) is str:
+                        if strings_held:  # TopK.add, inlined
+                            counts = strings[index]
+                            counts[value] = counts.get(value, 0) + 1
+                            if len(counts) > strings_held:
+                                top = states[index]
+                                assert isinstance(top, TopK), top
+                                top.fold_strings()
+                            continue
                     elif not strict and type(value) in _MAY_BE_ROUNDED:
                         value = _exactly(feed, text, raw, value)
                         if value is None or value is MISSING:
@@ -505,12 +520,12 @@ def _pre_aggregate(plan: ShardPlan, compiled: _Compiled, batches: RowBatches) ->
     if counts_only:
         assert no_group is not None
         no_group[3][0] = matched
-    for states, int_totals, int_counts, rows_matched in runs.values():
+    for states, int_totals, int_counts, rows_matched, _strings in runs.values():
         for index in counted:
             count = states[index]
             assert isinstance(count, Count), count
             count.add_rows(rows_matched[0])
-        for index, _name, _feed, is_sum in feeds:
+        for index, _name, _feed, is_sum, _strings_held in feeds:
             if is_sum and int_counts[index]:
                 total = states[index]
                 assert isinstance(total, Sum), total

@@ -369,8 +369,8 @@ class TopK:
         if type(value) is str:
             strings = self.strings
             strings[value] = strings.get(value, 0) + 1
-            if len(strings) > 2 * self.capacity:
-                self._fold_strings()
+            if len(strings) > self.strings_held:
+                self.fold_strings()
             return
         counts = self.counts
         text = canonical_text(value)
@@ -378,19 +378,25 @@ class TopK:
         if len(counts) > 2 * self.capacity:
             self._prune()
 
-    def _fold_strings(self) -> None:
+    @property
+    def strings_held(self) -> int:
+        """How many distinct strings `strings` holds before they must be folded. The scan loop
+        counts strings in `strings` itself (as add does, without the call) and folds past it."""
+        return 2 * self.capacity
+
+    def fold_strings(self) -> None:
         counts = self.counts
         for value, n in self.strings.items():
             text = canonical_text(value)
             counts[text] = counts.get(text, 0) + n
-        self.strings = {}
+        self.strings.clear()  # in place: the scan loop keeps a reference to it
         if len(counts) > 2 * self.capacity:
             self._prune()
 
     def _summary(self) -> dict[str, int]:
         """The counters, every value added so far in them."""
         if self.strings:
-            self._fold_strings()
+            self.fold_strings()
         return self.counts
 
     def _prune(self) -> None:

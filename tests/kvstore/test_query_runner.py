@@ -332,6 +332,8 @@ def test_the_read_view_hands_rows_over_in_bounded_batches_in_key_order(env) -> N
     machine = KVStateMachine(env, SHARD)
     keys = [f"b/{i:05d}" for i in range(2 * ROWS_PER_BATCH + 7)] + ["c" + "x" * 600]
     write(env, machine, {key: {"i": n} for n, key in enumerate(keys)})
+    neighbour = KVStateMachine(env, SHARD + 1)  # its rows follow ours in the same database
+    write(env, neighbour, {"a": {"other": 1}, "z" * 600: {"other": 2}})
     for low in (b"", b"b/00600"):
         with machine.read_view() as view:
             batches = list(view.row_batches(low, True))

@@ -167,6 +167,22 @@ class KVDatabases:
 
 RowBatch = list[tuple[bytes, bytes]]  # (UTF-8 key, value) pairs in key order
 ROWS_PER_BATCH = 512  # rows a scan hands over at once: one generator hop per batch, not per row
+BATCH_BYTES = 1 << 20  # and value bytes: a batch holds this much plus at most one more value
+
+
+def _bounded_batches(
+    rows: Iterator[tuple[bytes, bytes]], batch: RowBatch, size: int
+) -> Iterator[RowBatch]:
+    """`rows` appended to `batch` (which holds `size` value bytes), handed over in batches of at
+    most ROWS_PER_BATCH rows and about BATCH_BYTES."""
+    for row in rows:
+        batch.append(row)
+        size += len(row[1])
+        if len(batch) == ROWS_PER_BATCH or size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +190,8 @@ class ReadView:
     """One shard as of one LMDB read transaction: every row at exactly `applied_index`.
 
     row_batches(low, values): the rows from a key (UTF-8 bytes) on, in key order, in lists of
-    up to ROWS_PER_BATCH; it may start a little before `low` (callers skip those). Every value
+    up to ROWS_PER_BATCH rows and about BATCH_BYTES of values (memory stays bounded whatever
+    the values' size); it may start a little before `low` (callers skip those). Every value
     is checked against its checksum and decrypted. values=False reads keys only, each paired
     with b"": a value that is never read is not verified either (a count by key reads none)."""
 
@@ -379,6 +396,7 @@ class KVStateMachine:
                 while True:
                     batch: RowBatch = []
                     append = batch.append
+                    size = 0  # value bytes in the batch
                     for stored, raw in itertools.islice(stored_rows, ROWS_PER_BATCH):
                         if stored >= past_shard:  # a comparison: cheaper than startswith
                             break
@@ -389,10 +407,7 @@ class KVStateMachine:
                                     txn.cursor(db=self._data), stored
                                 )
                             )
-                            batch.extend(itertools.islice(rest, ROWS_PER_BATCH - len(batch)))
-                            while batch:
-                                yield batch
-                                batch = list(itertools.islice(rest, ROWS_PER_BATCH))
+                            yield from _bounded_batches(rest, batch, size)
                             return
                         key = stored[_SHARD_BYTES:]
                         if values:
@@ -406,11 +421,17 @@ class KVStateMachine:
                             if version & encrypted:
                                 value = self._unseal(stored, key, version ^ encrypted, value)
                             raw = value
+                            size += len(value)
                         append((key, raw))
+                        if size >= BATCH_BYTES:
+                            break
                     else:
                         if len(batch) == ROWS_PER_BATCH:
                             yield batch
                             continue
+                    if size >= BATCH_BYTES:  # cut by its bytes: the shard goes on
+                        yield batch
+                        continue
                     if batch:  # the cursor left the shard, or reached the end of the data
                         yield batch
                     return

@@ -32,7 +32,7 @@ from kvstore.query_runner import (
     read_events,
     scan_shard,
 )
-from kvstore.state_machine import ROWS_PER_BATCH, KVStateMachine
+from kvstore.state_machine import BATCH_BYTES, ROWS_PER_BATCH, KVStateMachine
 from raft.core.messages import Entry
 from raft.core.types import LogIndex, Term
 
@@ -54,10 +54,14 @@ def executor() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
 
 
 def write(env: lmdb.Environment, machine: KVStateMachine, docs: dict[str, Any]) -> None:
+    write_raw(env, machine, {key: json.dumps(doc).encode() for key, doc in docs.items()})
+
+
+def write_raw(env: lmdb.Environment, machine: KVStateMachine, values: dict[str, bytes]) -> None:
     first = machine.applied_index() + 1
     entries = [
-        Entry(Term(1), LogIndex(first + i), encode_command(Put(key, json.dumps(doc).encode())))
-        for i, (key, doc) in enumerate(docs.items())
+        Entry(Term(1), LogIndex(first + i), encode_command(Put(key, value)))
+        for i, (key, value) in enumerate(values.items())
     ]
     with env.begin(write=True) as txn:
         machine.apply(txn, entries)
@@ -341,6 +345,21 @@ def test_the_read_view_hands_rows_over_in_bounded_batches_in_key_order(env) -> N
         rows = [(key.decode(), json.loads(value)) for batch in batches for key, value in batch]
         expected = [(key, {"i": n}) for n, key in enumerate(keys) if key.encode() >= low]
         assert rows == expected
+
+
+def test_the_read_view_bounds_its_batches_by_bytes_too(env) -> None:
+    """Values up to 1 MiB: 512 of them in one batch would be half a GiB per scan."""
+    machine = KVStateMachine(env, SHARD)
+    big = b"x" * (300 << 10)
+    keys = [f"v/{i:02d}" for i in range(10)] + [f"w/{'l' * 600}{i}" for i in range(5)]
+    write_raw(env, machine, {key: big for key in keys})
+    with machine.read_view() as view:
+        batches = list(view.row_batches(b"", True))
+    assert [key.decode() for batch in batches for key, _ in batch] == keys
+    assert all(value == big for batch in batches for _, value in batch)
+    for batch in batches:  # at most BATCH_BYTES plus the value that crossed it
+        assert sum(len(value) for _, value in batch[:-1]) < BATCH_BYTES
+    assert len(batches) >= 4
 
 
 def test_the_read_view_yields_what_scan_does_long_keys_included(env) -> None:

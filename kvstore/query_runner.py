@@ -159,12 +159,14 @@ async def scan_shard(
     budget_bytes: int,
     executor: concurrent.futures.Executor,
     must_hold: tuple[int, int] | None = None,
+    drop_outside: bool = False,
     turns: ScanTurns | None = None,
 ) -> AsyncGenerator[ShardEvent, None]:
     """The shard's partials, then ShardDone. The caller established the read point (ReadIndex)
     before calling: the snapshot is taken when the scan starts, at or after it. must_hold: the
     token span the caller's shard map gives this shard; a replica that a split has left
-    holding less fails with StaleShardMap, checked in the scan's own read transaction.
+    holding less fails with StaleShardMap, checked in the scan's own read transaction; with
+    drop_outside, one holding more leaves out the keys outside it (KVStateMachine.scan).
     turns: shared by the scans of this node (a scan alone takes turns with nobody)."""
     loop = asyncio.get_running_loop()
     turns = turns or ScanTurns()
@@ -185,7 +187,7 @@ async def scan_shard(
 
     def produce() -> None:
         try:
-            with machine.read_view(must_hold=must_hold) as view:
+            with machine.read_view(must_hold=must_hold, drop_outside=drop_outside) as view:
                 sent, truncated = 0, False
                 lower, _upper = key_bounds(plan.spec)
                 chunks = iter_partials(

@@ -530,6 +530,7 @@ class Router:
             budget_bytes=budget,
             executor=self._scan_threads,
             must_hold=self._span_read_by(machine, "scan", b""),
+            drop_outside=self._was_split(plan.shard),
             turns=self._scan_turns,
         )
 
@@ -842,7 +843,7 @@ class Router:
         self.quarantine.refuse_if_quarantined(shard_id)
         must_hold = self._span_read_by(machine, op, query)
         try:
-            return _read_from(machine, op, query, must_hold)
+            return _read_from(machine, op, query, must_hold, self._was_split(shard_id))
         except CorruptValueError as error:
             raise self.quarantine.report(shard_id, error.key, str(error)) from error
         except RangeMovedError as moved:
@@ -855,6 +856,12 @@ class Router:
                     f"(epoch {self.shard_map.epoch}) gives it {must_hold}"
                 )
             raise StaleShardMap(message + "; refresh the map") from None
+
+    def _was_split(self, shard_id: int) -> bool:
+        """The map shows shard_id split: a replica of it that has not applied that split yet
+        (a lagging follower, serving a stale read) still holds keys the child serves now, and
+        a scan there leaves them out instead of returning them twice."""
+        return any(split.shard == shard_id for split in self.shard_map.finished_splits)
 
     def _span_read_by(
         self, machine: KVStateMachine, op: str, query: bytes
@@ -1056,7 +1063,11 @@ class _ShardAnswer:
 
 
 def _read_from(
-    machine: KVStateMachine, op: str, query: bytes, must_hold: tuple[int, int] | None = None
+    machine: KVStateMachine,
+    op: str,
+    query: bytes,
+    must_hold: tuple[int, int] | None = None,
+    drop_outside: bool = False,
 ) -> bytes:
     if op == "get":
         try:
@@ -1067,7 +1078,9 @@ def _read_from(
         return encode_key_values([found] if found else [])
     if op == "scan":
         prefix, start, end, after, limit = _decode_scan_query(query)
-        scanned = machine.scan(prefix, start, end, after, limit, must_hold=must_hold)
+        scanned = machine.scan(
+            prefix, start, end, after, limit, must_hold=must_hold, drop_outside=drop_outside
+        )
         return encode_key_values(scanned)
     if op == "applied":  # a read point for a follower read
         packed: bytes = msgpack.packb(machine.applied_index())

@@ -316,7 +316,7 @@ class KVStateMachine:
         """must_hold: raise RangeMovedError unless this replica holds that token span, checked
         in the read's own transaction (a split committing in between cannot slip past)."""
         with self._env.begin(db=self._data) as txn:
-            self._require_range(txn, must_hold)
+            self._require_range(txn, must_hold, drop_outside=False)
             found = self._lookup(txn, key)
         return None if found is None else KeyValue(key, found[1], found[0])
 
@@ -329,10 +329,11 @@ class KVStateMachine:
         limit: int = 1000,
         *,
         must_hold: tuple[int, int] | None = None,
+        drop_outside: bool = False,
     ) -> list[KeyValue]:
         """Keys k with k.startswith(prefix), start <= k < end, k > after (each when given), in
         UTF-8 byte order (which is code point order), at most `limit` of them. must_hold: as
-        for get."""
+        for get; drop_outside: leave out the keys outside must_hold (see _require_range)."""
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
         prefix_bytes = prefix.encode()
@@ -347,7 +348,7 @@ class KVStateMachine:
         if limit == 0:
             return found
         with self._env.begin(db=self._data) as txn:
-            self._require_range(txn, must_hold)
+            keep = self._require_range(txn, must_hold, drop_outside)
             first = self._prefix + low[:_INLINE_KEY_BYTES]  # at or before the first match
             for key, version, value in self._records(txn.cursor(), first):
                 if key < low or (after_bytes is not None and key <= after_bytes):
@@ -356,19 +357,31 @@ class KVStateMachine:
                     break  # keys with the prefix are one contiguous range, and it is behind us
                 if end_bytes is not None and key >= end_bytes:
                     break
-                found.append(KeyValue(key.decode(), value, version))
+                text = key.decode()
+                if keep is not None and not keep[0] <= key_token(text) < keep[1]:
+                    continue
+                found.append(KeyValue(text, value, version))
                 if len(found) >= limit:
                     break
         return found
 
     @contextlib.contextmanager
-    def read_view(self, *, must_hold: tuple[int, int] | None = None) -> Iterator[ReadView]:
+    def read_view(
+        self, *, must_hold: tuple[int, int] | None = None, drop_outside: bool = False
+    ) -> Iterator[ReadView]:
         """A consistent snapshot for long reads (queries): LMDB's MVCC keeps the rows of this
         read transaction unchanged while writes go on, so a scan sees one applied index.
-        must_hold: as for get, checked in this same transaction."""
+        must_hold, drop_outside: as for scan, checked in this same transaction."""
         with self._env.begin() as txn:
-            self._require_range(txn, must_hold)
+            keep = self._require_range(txn, must_hold, drop_outside)
             applied, _ = self._read_meta(txn)
+
+            def kept_batches(low: bytes, values: bool = True) -> Iterator[RowBatch]:
+                assert keep is not None
+                for batch in row_batches(low, values):
+                    kept = [row for row in batch if keep[0] <= key_token(row[0].decode()) < keep[1]]
+                    if kept:
+                        yield kept
 
             def row_batches(low: bytes, values: bool = True) -> Iterator[RowBatch]:
                 # The scan loop of queries, most of a query's cost per row: _records with _open
@@ -436,7 +449,7 @@ class KVStateMachine:
                         yield batch
                     return
 
-            yield ReadView(applied, row_batches)
+            yield ReadView(applied, row_batches if keep is None else kept_batches)
 
     def count(self) -> int:
         with self._env.begin() as txn:
@@ -613,12 +626,19 @@ class KVStateMachine:
     def _has_split(self, txn: lmdb.Transaction[bytes]) -> bool:
         return txn.get(self._prefix + _RANGE_SUFFIX, db=self._meta) is not None
 
-    def _require_range(self, txn: lmdb.Transaction[bytes], span: tuple[int, int] | None) -> None:
+    def _require_range(
+        self, txn: lmdb.Transaction[bytes], span: tuple[int, int] | None, drop_outside: bool
+    ) -> tuple[int, int] | None:
+        """RangeMovedError unless this replica holds `span`. Returns the span to keep rows in
+        when drop_outside and the replica holds more than it (a split parent that has not
+        applied the split its caller's map shows: the keys above it are the child's now), else
+        None (keep every row)."""
         if span is None:
-            return
+            return None
         held = self._read_range(txn)
         if not held[0] <= span[0] < span[1] <= held[1]:
             raise RangeMovedError(held)
+        return span if drop_outside and held != span else None
 
     def _read_range(self, txn: lmdb.Transaction[bytes]) -> tuple[int, int]:
         raw = txn.get(self._prefix + _RANGE_SUFFIX, db=self._meta)

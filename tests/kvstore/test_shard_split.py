@@ -135,6 +135,26 @@ def test_a_read_view_refuses_a_span_the_split_took_in_its_own_transaction(tmp_pa
     assert all(key_token(key.decode()) < SPLIT for key in kept)
 
 
+def test_a_parent_lagging_the_split_leaves_the_childs_keys_out_when_told(tmp_path: Path):
+    """A stale scan or query may reach a replica of the parent that has not applied the split
+    the map shows: it still holds the upper half, which the child serves too. Told that the
+    map shows a split (drop_outside), it leaves those keys out rather than return them twice."""
+    env = open_env(tmp_path / "replica")
+    driver = written(env)  # the split is not applied here yet
+    lower = (0, SPLIT)
+    expected = sorted(key for key in KEYS if key_token(key) < SPLIT)
+    assert len(expected) < len(KEYS)
+    scanned = driver.machine.scan(limit=1000, must_hold=lower, drop_outside=True)
+    assert [item.key for item in scanned] == expected
+    assert len(driver.machine.scan(limit=1000, must_hold=lower)) == len(KEYS)
+    with driver.machine.read_view(must_hold=lower, drop_outside=True) as view:
+        rows = [key.decode() for batch in view.row_batches(b"", True) for key, _ in batch]
+    assert rows == expected
+    driver.apply(SplitShard(CHILD, SPLIT))  # applied: it holds just the span, nothing to drop
+    scanned = driver.machine.scan(limit=1000, must_hold=lower, drop_outside=True)
+    assert [item.key for item in scanned] == expected
+
+
 def test_snapshots_carry_each_halfs_range_to_a_replica_restored_from_them(tmp_path: Path):
     env = open_env(tmp_path / "replica")
     driver = written(env)

@@ -81,8 +81,7 @@ class QuerySettings:
 
 
 class ScanTurns:
-    """The shard scans of one node take turns, a batch of rows at a time, first come first
-    served. py-lmdb releases the GIL around every cursor step, so scans running at once in
+    """The shard scans of one node take turns of TURN_S, first come first served. py-lmdb releases the GIL around every cursor step, so scans running at once in
     threads hand the GIL to each other on every row, through the OS: three threads scanning at
     once were 2.5x slower in all than one. A scan holding the turn runs alone; the others sleep
     on a lock of their own (woken one at a time, never all to find it is not their turn), not
@@ -121,8 +120,8 @@ class ScanTurns:
 
     def batches(self, batches: RowBatches) -> Iterator[Sequence[tuple[bytes, bytes]]]:
         """`batches`, read by a scan that holds the turn, passing it on between two batches
-        once it has held it for TURN_S (each hand-over costs a GIL hand-over between threads:
-        after every batch of 512 rows that was 7% of a scan's time)."""
+        once it has held it for TURN_S (each hand-over costs a GIL hand-over between threads,
+        which after every batch of 512 rows came to several percent of a scan's time)."""
         turn_ends = time.monotonic() + TURN_S
         for batch in batches:
             if time.monotonic() >= turn_ends:

@@ -81,9 +81,10 @@ class QuerySettings:
 
 
 class ScanTurns:
-    """The shard scans of one node take turns of TURN_S, first come first served. py-lmdb releases the GIL around every cursor step, so scans running at once in
-    threads hand the GIL to each other on every row, through the OS: three threads scanning at
-    once were 2.5x slower in all than one. A scan holding the turn runs alone; the others sleep
+    """The shard scans of one node take turns of TURN_S, first come first served. py-lmdb
+    releases the GIL around every cursor step, so scans running at once in threads hand the
+    GIL to each other on every row, through the OS: three threads scanning at once were 2.5x
+    slower in all than one. A scan holding the turn runs alone; the others sleep
     on a lock of their own (woken one at a time, never all to find it is not their turn), not
     on the GIL, and each waits about TURN_S per scan ahead of it."""
 

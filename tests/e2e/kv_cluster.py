@@ -8,10 +8,12 @@ import json
 import os
 import signal
 import ssl
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote, urlsplit
 
 from cli import launcher
@@ -194,6 +196,27 @@ class KVCluster:
                 if shard["id"] == key_shard and shard["leader"]:
                     return int(shard["leader"])
         raise AssertionError(f"shard {key_shard} has no leader")
+
+
+class LoadThread:
+    """A test's load in a background thread: a subclass's _run loops until self.stopping is
+    set (and within its own deadline); `with load.running():` starts it and stops it."""
+
+    def __init__(self) -> None:
+        self.stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def running(self) -> Iterator[Self]:
+        self._thread.start()
+        try:
+            yield self
+        finally:
+            self.stopping.set()
+            self._thread.join(timeout=30)
 
 
 def wait_for(what: str, condition: Callable[[], Any], deadline_s: float = DEADLINE_S) -> Any:

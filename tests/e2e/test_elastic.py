@@ -8,11 +8,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +18,7 @@ from click.testing import CliRunner
 
 from cli import launcher
 from cli.__main__ import kvctl
-from tests.e2e.kv_cluster import KVCluster, wait_for
+from tests.e2e.kv_cluster import KVCluster, LoadThread, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +27,7 @@ SETTLE_S = 120.0  # generous: 2 cores shared with other engineers' tests
 MAX_WRITE_GAP_S = 12.0  # "brief retries": the writer is never stuck longer than this
 
 
-class Writer:
+class Writer(LoadThread):
     """One thread writing increasing sequence numbers to random keys through random nodes;
     each write is retried with its idempotency key until acknowledged (so it applies once)."""
 
@@ -40,17 +37,16 @@ class Writer:
         self.retries = 0
         self.longest_gap_s = 0.0
         self._rng = random.Random(seed)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
     def _run(self) -> None:
         sequence = 0
         last_ack = time.monotonic()
         deadline = time.monotonic() + 600  # bounded, whatever happens
-        while not self._stop.is_set() and time.monotonic() < deadline:
+        while not self.stopping.is_set() and time.monotonic() < deadline:
             sequence += 1
             key = self._rng.choice(KEYS)
-            while not self._stop.is_set():
+            while not self.stopping.is_set():
                 node = self._rng.choice(self.cluster.node_ids)
                 try:
                     response = self.cluster.put(
@@ -68,15 +64,6 @@ class Writer:
             self.longest_gap_s = max(self.longest_gap_s, now - last_ack)
             last_ack = now
             self.acknowledged[key] = sequence
-
-    @contextmanager
-    def running(self) -> Iterator[Writer]:
-        self._thread.start()
-        try:
-            yield self
-        finally:
-            self._stop.set()
-            self._thread.join(timeout=30)
 
     def check_every_acknowledged_write(self, live_node: int) -> None:
         assert len(self.acknowledged) > 10, "the writer made no progress"

@@ -8,10 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -19,7 +16,7 @@ from urllib.parse import quote
 import pytest
 
 from kvstore.sharding import key_token
-from tests.e2e.kv_cluster import KVCluster, wait_for
+from tests.e2e.kv_cluster import KVCluster, LoadThread, wait_for
 from tests.e2e.test_elastic import Writer, kill_and_restart_soon, status_of
 
 pytestmark = pytest.mark.e2e
@@ -29,7 +26,7 @@ KEYS = [f"{PREFIX}{i:04d}" for i in range(300)]
 SPLIT_DEADLINE_S = 120.0  # generous: 2 cores shared with other engineers' tests
 
 
-class Reader:
+class Reader(LoadThread):
     """One thread reading random prefilled keys through random nodes, for as long as the split
     runs: each read must find the key with its prefilled value and version. A node that is
     down or a 503 is retried; a 404 or a wrong value is a failure."""
@@ -41,12 +38,11 @@ class Reader:
         self.unavailable = 0  # 503/504 answers: retried, counted
         self.failures: list[str] = []
         self._rng = random.Random(3)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
     def _run(self) -> None:
         deadline = time.monotonic() + 600  # bounded, whatever happens
-        while not self._stop.is_set() and time.monotonic() < deadline:
+        while not self.stopping.is_set() and time.monotonic() < deadline:
             key = self._rng.choice(KEYS)
             try:
                 response = self.cluster.get(self._rng.choice(self.cluster.node_ids), key)
@@ -59,15 +55,6 @@ class Reader:
             if response.status != 200 or found != self.expected[key]:
                 self.failures.append(f"{key}: {response.status} {found} {response.body[:200]!r}")
             self.reads += 1
-
-    @contextmanager
-    def running(self) -> Iterator[Reader]:
-        self._thread.start()
-        try:
-            yield self
-        finally:
-            self._stop.set()
-            self._thread.join(timeout=30)
 
 
 def prefill(cluster: KVCluster) -> dict[str, tuple[bytes, int]]:
